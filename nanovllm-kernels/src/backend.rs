@@ -1,0 +1,319 @@
+//! The [`Backend`] trait: buffers, copies and the ops of the forward pass.
+//!
+//! Conventions shared by every op:
+//! * Tensors are row-major and dense. Activations and weights are bf16; accumulation is f32.
+//! * An op gets whole buffers plus the dimensions it works on; a buffer may be larger than
+//!   needed (activation buffers are sized once for `max_num_batched_tokens`), and only its
+//!   prefix is read or written. A buffer shorter than the dimensions need is an
+//!   [`Error::Shape`](nanovllm_utils::Error::Shape), never a panic or an out-of-bounds access.
+//! * `qkv` is the fused output of the QKV projection: one row per token of
+//!   `(num_heads + 2 * num_kv_heads) * head_dim` values, q heads first, then k heads, then v.
+//! * The KV cache of one layer is two buffers (K and V), each
+//!   `[num_blocks, block_size, num_kv_heads, head_dim]`. Slot `s` is row `s` of the flattened
+//!   `[num_blocks * block_size, num_kv_heads * head_dim]` view (block `s / block_size`, offset
+//!   `s % block_size`). `block_tables` is `[num_seqs, max_blocks_per_seq]` of i32 block ids
+//!   (unused entries -1).
+//! * Ops are asynchronous on the CUDA backend: they are queued on the backend's stream, and
+//!   only [`Backend::dtoh`] and [`Backend::synchronize`] wait.
+
+use half::bf16;
+use nanovllm_utils::Result;
+
+/// Element types a buffer can hold.
+pub trait Elem: bytemuck::Pod + Default + Send + Sync + std::fmt::Debug + 'static {}
+impl Elem for bf16 {}
+impl Elem for f32 {}
+impl Elem for i32 {}
+impl Elem for u32 {}
+impl Elem for u64 {}
+impl Elem for u8 {}
+
+/// Metadata of one attention call, shared by the prefill and decode ops.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnParams {
+    /// Query heads on this rank.
+    pub num_heads: usize,
+    /// Key/value heads on this rank (`num_heads % num_kv_heads == 0`).
+    pub num_kv_heads: usize,
+    /// Dimension of one head (128 for Qwen3; 64 supported).
+    pub head_dim: usize,
+    /// Tokens per KV-cache block (a power of two, at most 256).
+    pub block_size: usize,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Softmax scale, `1 / sqrt(head_dim)`.
+    pub scale: f32,
+}
+
+impl AttnParams {
+    /// Width of one row of the fused `qkv` buffer.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+}
+
+/// Per-row sampling inputs, in device buffers so that a CUDA graph can replay them.
+pub struct SamplingBufs<'a, B: Backend> {
+    /// `[rows]` temperature; 0 means greedy (argmax, lowest index on ties).
+    pub temperatures: &'a B::Buf<f32>,
+    /// `[rows]` top-k; 0 (or >= vocab) means no top-k cut.
+    pub top_k: &'a B::Buf<i32>,
+    /// `[rows]` top-p in (0, 1]; 1 means no top-p cut.
+    pub top_p: &'a B::Buf<f32>,
+    /// `[rows]` the request's seed.
+    pub seeds: &'a B::Buf<u64>,
+    /// `[rows]` the draw's step (how many tokens the request has generated so far): with the
+    /// seed it keys the random stream, so a fixed seed draws the same tokens on every run and at
+    /// every batch position.
+    pub steps: &'a B::Buf<u32>,
+}
+
+/// A device (CPU or GPU) and the ops the engine runs on it.
+///
+/// Layers and models are generic over this trait; the CPU implementation is the reference
+/// for the CUDA one.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// A buffer of `T` in this backend's memory.
+    type Buf<T: Elem>: Send + Sync;
+
+    /// Short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    // ---- memory ----
+
+    /// A buffer of `len` elements. Its contents are unspecified (not necessarily zero).
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    /// A buffer of `len` zeros.
+    fn zeros<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    /// Number of elements of `buf`.
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// A new buffer holding `src`.
+    fn from_host<T: Elem>(&self, src: &[T]) -> Result<Self::Buf<T>>;
+    /// Copies `src` into the first `src.len()` elements of `dst`.
+    fn htod<T: Elem>(&self, src: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Copies the first `dst.len()` elements of `src` into `dst`, waiting for queued work.
+    fn dtoh<T: Elem>(&self, src: &Self::Buf<T>, dst: &mut [T]) -> Result<()>;
+    /// Waits until every queued op has finished.
+    fn synchronize(&self) -> Result<()>;
+    /// `(free, total)` bytes of device memory (host memory for the CPU backend).
+    fn memory_info(&self) -> Result<(usize, usize)>;
+
+    // ---- ops of the forward pass ----
+
+    /// `out[i, :] = weight[ids[i] - vocab_start, :]` for `i < n`, or zeros when `ids[i]` is
+    /// outside `[vocab_start, vocab_start + vocab_rows)` (the vocab-parallel mask).
+    /// `weight` is `[vocab_rows, hidden]`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding(
+        &self,
+        ids: &Self::Buf<u32>,
+        n: usize,
+        weight: &Self::Buf<bf16>,
+        vocab_start: usize,
+        vocab_rows: usize,
+        hidden: usize,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// RMSNorm of `n` rows of width `hidden`:
+    /// `out = bf16(x / sqrt(mean(x^2) + eps)) * weight`, statistics in f32.
+    fn rms_norm(
+        &self,
+        x: &Self::Buf<bf16>,
+        weight: &Self::Buf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// Residual add fused with RMSNorm, in place:
+    /// `residual = bf16(x + residual)`, then `x = rms_norm(residual)`.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buf<bf16>,
+        residual: &mut Self::Buf<bf16>,
+        weight: &Self::Buf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// Qwen3's per-head q/k RMSNorm followed by rotary embedding (neox layout: the two halves
+    /// of each head are rotated against each other), in place on the q and k heads of `n`
+    /// rows of `qkv` (v untouched). `q_norm` and `k_norm` are `[head_dim]`;
+    /// `positions` is `[n]`; `cos_sin` is `[max_position, head_dim]` f32, each row
+    /// `cos(p * f_0..f_{d/2})` then `sin(p * f_0..f_{d/2})`.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut Self::Buf<bf16>,
+        n: usize,
+        attn: &AttnParams,
+        q_norm: &Self::Buf<bf16>,
+        k_norm: &Self::Buf<bf16>,
+        eps: f32,
+        positions: &Self::Buf<i32>,
+        cos_sin: &Self::Buf<f32>,
+    ) -> Result<()>;
+
+    /// Writes the k and v heads of `n` rows of `qkv` to their slots of the KV cache;
+    /// `slot_mapping[i] == -1` skips row `i`.
+    #[allow(clippy::too_many_arguments)]
+    fn store_kvcache(
+        &self,
+        qkv: &Self::Buf<bf16>,
+        n: usize,
+        attn: &AttnParams,
+        slot_mapping: &Self::Buf<i32>,
+        k_cache: &mut Self::Buf<bf16>,
+        v_cache: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// `out = silu(gate) * up` for `n` rows; each row of `gate_up` is `[gate(inter), up(inter)]`,
+    /// each row of `out` is `[inter]`.
+    fn silu_and_mul(
+        &self,
+        gate_up: &Self::Buf<bf16>,
+        n: usize,
+        inter: usize,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// `out[m, n] = x[m, k] . w[n, k]^T` (the layout of a PyTorch Linear weight), bf16 in and
+    /// out, f32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: &Self::Buf<bf16>,
+        w: &Self::Buf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// Varlen causal attention for prefill, keys and values read from the paged cache (so
+    /// that cached prefixes and chunked prefill work): for sequence `s`, its queries are rows
+    /// `cu_seqlens_q[s]..cu_seqlens_q[s+1]` of `qkv` and its keys the first
+    /// `len_k = cu_seqlens_k[s+1] - cu_seqlens_k[s]` tokens found through `block_tables[s]`;
+    /// query `i` (of `len_q`) attends keys `0..=len_k - len_q + i`.
+    /// `out` is `[cu_seqlens_q[num_seqs], num_heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_attention(
+        &self,
+        qkv: &Self::Buf<bf16>,
+        k_cache: &Self::Buf<bf16>,
+        v_cache: &Self::Buf<bf16>,
+        cu_seqlens_q: &Self::Buf<i32>,
+        cu_seqlens_k: &Self::Buf<i32>,
+        block_tables: &Self::Buf<i32>,
+        num_seqs: usize,
+        max_seqlen_q: usize,
+        max_seqlen_k: usize,
+        attn: &AttnParams,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// Paged attention for decode: one query per sequence (row `s` of `qkv`) against the
+    /// first `context_lens[s]` tokens of its cache (its own, just stored, included).
+    /// `max_context_len` bounds every `context_lens[s]` (the CUDA backend sizes its split-K
+    /// work from it; `max_model_len` is always valid, so graphs may capture it).
+    /// `out` is `[num_seqs, num_heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        qkv: &Self::Buf<bf16>,
+        k_cache: &Self::Buf<bf16>,
+        v_cache: &Self::Buf<bf16>,
+        context_lens: &Self::Buf<i32>,
+        block_tables: &Self::Buf<i32>,
+        num_seqs: usize,
+        max_context_len: usize,
+        attn: &AttnParams,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// `out[i, :] = x[indices[i], :]` for `i < n` (rows of width `width`); the LM head's
+    /// last-token gather during prefill.
+    fn gather_rows(
+        &self,
+        x: &Self::Buf<bf16>,
+        indices: &Self::Buf<i32>,
+        n: usize,
+        width: usize,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
+
+    /// Draws one token per row of `logits` (`[rows, vocab]`) into `out`.
+    ///
+    /// Row `r` with temperature 0 takes the argmax (lowest index on ties). Otherwise the
+    /// candidates are the `top_k` most likely tokens (all when 0), cut further to the smallest
+    /// most-likely set whose probability (softmax of `logits / temperature` over the
+    /// candidates) reaches `top_p`; the token is then the Gumbel-max
+    /// `argmax_i (logits_i / T - ln(-ln(u_i)))` over the candidates, where
+    /// `u_i = philox_uniform(seeds[r], steps[r], i)` (see [`crate::backend::philox_uniform`]).
+    fn sample(
+        &self,
+        logits: &Self::Buf<bf16>,
+        rows: usize,
+        vocab: usize,
+        params: &SamplingBufs<'_, Self>,
+        out: &mut Self::Buf<u32>,
+    ) -> Result<()>;
+}
+
+/// Philox4x32-10 round constants.
+const PHILOX_M0: u32 = 0xD251_1F53;
+const PHILOX_M1: u32 = 0xCD9E_8D57;
+const PHILOX_W0: u32 = 0x9E37_79B9;
+const PHILOX_W1: u32 = 0xBB67_AE85;
+
+/// Philox4x32-10 of counter `ctr` under key `key`: the counter-based RNG behind sampling.
+/// The CUDA kernels implement the same function; this is its definition.
+pub fn philox4x32(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for _ in 0..10 {
+        let p0 = (PHILOX_M0 as u64) * (ctr[0] as u64);
+        let p1 = (PHILOX_M1 as u64) * (ctr[2] as u64);
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        ctr = [hi1 ^ ctr[1] ^ key[0], lo1, hi0 ^ ctr[3] ^ key[1], lo0];
+        key[0] = key[0].wrapping_add(PHILOX_W0);
+        key[1] = key[1].wrapping_add(PHILOX_W1);
+    }
+    ctr
+}
+
+/// The uniform draw in (0, 1) for token `index` at `step` of a request seeded with `seed`:
+/// Philox4x32-10 keyed by the seed, counter `(index, step, 0, 0)`, first word, as
+/// `(x >> 8) + 0.5) / 2^24` in f32 (never 0, never 1).
+pub fn philox_uniform(seed: u64, step: u32, index: u32) -> f32 {
+    let r = philox4x32([index, step, 0, 0], [seed as u32, (seed >> 32) as u32]);
+    (((r[0] >> 8) as f32) + 0.5) * (1.0 / 16_777_216.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known-answer test from the Random123 distribution (philox4x32_10, kat_vectors).
+    #[test]
+    fn philox_known_answers() {
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
+        assert_eq!(
+            philox4x32([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
+        );
+    }
+
+    #[test]
+    fn uniform_is_open_interval() {
+        for i in 0..10_000 {
+            let u = philox_uniform(42, 7, i);
+            assert!(u > 0.0 && u < 1.0);
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! nanovllm: offline LLM inference for Qwen3, as fast as the hardware allows, in a codebase
+//! small enough to read in an evening.
+#![deny(missing_docs)]
