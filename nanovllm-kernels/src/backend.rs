@@ -245,6 +245,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
         out: &mut Self::Buf<bf16>,
     ) -> Result<()>;
 
+    /// Records the ops `f` queues into a replayable graph (a CUDA graph). Backends without
+    /// graphs return `Ok(None)` and the caller runs eagerly. Every buffer the ops touch must
+    /// exist before capture; replays read whatever those buffers hold at replay time.
+    fn capture_graph(
+        &self,
+        f: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Box<dyn GraphExec>>> {
+        let _ = f;
+        Ok(None)
+    }
+
     /// Draws one token per row of `logits` (`[rows, vocab]`) into `out`.
     ///
     /// Row `r` with temperature 0 takes the argmax (lowest index on ties). Otherwise the
@@ -261,6 +272,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
         params: &SamplingBufs<'_, Self>,
         out: &mut Self::Buf<u32>,
     ) -> Result<()>;
+}
+
+/// A captured graph of ops, replayed on the backend's stream.
+pub trait GraphExec: Send {
+    /// Queues one replay of the graph.
+    fn replay(&self) -> Result<()>;
 }
 
 /// Philox4x32-10 round constants.

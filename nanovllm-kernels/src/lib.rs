@@ -14,5 +14,5 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use backend::{philox_uniform, AttnParams, Backend, Elem, SamplingBufs};
+pub use backend::{philox_uniform, AttnParams, Backend, Elem, GraphExec, SamplingBufs};
 pub use half::bf16;
