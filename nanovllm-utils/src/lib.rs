@@ -4,6 +4,10 @@
 //! Nothing here touches a GPU; every other crate depends on this one.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod error;
+pub mod weights;
 
+pub use config::{EngineConfig, GenerationConfig, ModelConfig};
 pub use error::{Error, Result};
+pub use weights::Weights;
