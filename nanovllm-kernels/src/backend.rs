@@ -302,11 +302,19 @@ pub fn philox4x32(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
 }
 
 /// The uniform draw in (0, 1) for token `index` at `step` of a request seeded with `seed`:
-/// Philox4x32-10 keyed by the seed, counter `(index, step, 0, 0)`, first word, as
-/// `(x >> 8) + 0.5) / 2^24` in f32 (never 0, never 1).
+/// Philox4x32-10 keyed by the seed, counter `(index, step, 0, 0)`, first word `x`, as
+/// `((x >> 9) + 0.5) / 2^23` in f32. Every step of that is exact, so the result lies in
+/// `[2^-24, 1 - 2^-24]`: never 0, never 1. (With 24 bits, `(2^24 - 1) + 0.5` would round to
+/// `2^24` and give exactly 1, whose Gumbel noise `-ln(-ln(u))` is infinite.)
 pub fn philox_uniform(seed: u64, step: u32, index: u32) -> f32 {
     let r = philox4x32([index, step, 0, 0], [seed as u32, (seed >> 32) as u32]);
-    (((r[0] >> 8) as f32) + 0.5) * (1.0 / 16_777_216.0)
+    uniform_from_bits(r[0])
+}
+
+/// `((x >> 9) + 0.5) / 2^23` in f32: the top 23 bits of `x` as the centre of one of 2^23
+/// equal cells of (0, 1).
+fn uniform_from_bits(x: u32) -> f32 {
+    (((x >> 9) as f32) + 0.5) * (1.0 / 8_388_608.0)
 }
 
 #[cfg(test)]
@@ -332,5 +340,8 @@ mod tests {
             let u = philox_uniform(42, 7, i);
             assert!(u > 0.0 && u < 1.0);
         }
+        // The extreme words, which 10,000 draws are unlikely to hit.
+        assert!(uniform_from_bits(0) > 0.0);
+        assert!(uniform_from_bits(u32::MAX) < 1.0);
     }
 }
