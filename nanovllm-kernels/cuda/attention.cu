@@ -1,0 +1,613 @@
+// Attention kernels of the CUDA backend: paged decode (flash-decoding) and varlen causal prefill
+// (FlashAttention-2 style), both reading K/V from the paged cache through block tables.
+//
+// Launched from src/cuda/attention.rs; the CPU reference is CpuBackend::{prefill,decode}_attention.
+// Layouts (see src/backend.rs): qkv rows of (num_heads + 2 * num_kv_heads) * head_dim bf16, q heads
+// first; K and V caches [num_blocks, block_size, num_kv_heads, head_dim] bf16; block_tables
+// [num_seqs, max_blocks_per_seq] i32. Softmax runs in base 2: scores are multiplied by
+// scale * log2(e) and exponentiated with exp2f, all in f32.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+// 16-byte streaming load: K/V are read once per kernel, so keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// Two bf16 packed in a u32 -> two f32 (a bf16 is the top half of an f32).
+__device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+__device__ __forceinline__ void unpack8(const uint4& r, float* f) {
+    f[0] = bf_lo(r.x); f[1] = bf_hi(r.x);
+    f[2] = bf_lo(r.y); f[3] = bf_hi(r.y);
+    f[4] = bf_lo(r.z); f[5] = bf_hi(r.z);
+    f[6] = bf_lo(r.w); f[7] = bf_hi(r.w);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one query token per sequence against its paged context.
+//
+// Grid (num_kv_heads, num_seqs, num_splits), 128 threads. A CTA owns one (sequence, kv head,
+// split) and every query head of that kv head's GQA group, so each K/V row is read from memory
+// once for the whole group. A K/V row of one token and one kv head is head_dim * 2 bytes,
+// contiguous: LPK = head_dim / 8 lanes each load 16 bytes of it, so one warp load instruction
+// covers KPI = 32 / LPK tokens. A warp takes chunks of U load instructions (U * KPI tokens), all
+// K and V loads of a chunk issued before the first use; the four warps take chunks in turn.
+//
+// Each group of LPK lanes keeps its own online-softmax state (m, l, acc) over the tokens it saw,
+// so the hot loop needs no communication beyond the LPK-lane dot-product reduction; the states
+// are merged once at the end (shuffles across lane groups, then shared memory across warps).
+//
+// With one split the CTA writes bf16 output. With several (flash-decoding, chosen on the host
+// when num_seqs * num_kv_heads CTAs would not fill the GPU) it writes its normalised partial
+// output and (max, sum) to scratch, and attn_decode_reduce combines the splits. A split past a
+// short sequence's context exits at once; the reduce only reads splits that hold tokens.
+// ---------------------------------------------------------------------------------------------
+
+#define DEC_WARPS 4
+#define DEC_THREADS (DEC_WARPS * 32)
+
+template <int HD, int G>
+__device__ __forceinline__ void decode_body(
+    const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int* __restrict__ context_lens, const int* __restrict__ block_tables,
+    int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
+    int max_context_len, int tokens_per_split, int num_splits,
+    __nv_bfloat16* __restrict__ out, float* __restrict__ part_ml, float* __restrict__ part_o)
+{
+    constexpr int LPK = HD / 8;           // lanes per K/V row
+    constexpr int KPI = 32 / LPK;         // tokens per warp load instruction
+    constexpr int U = (G <= 2) ? 8 : ((G <= 4) ? 4 : 2);  // load instructions per chunk
+    constexpr int CK = U * KPI;           // tokens per warp chunk
+
+    extern __shared__ int s_bt[];         // this split's slice of the block table
+    __shared__ float s_m[DEC_WARPS][G], s_l[DEC_WARPS][G];
+    __shared__ float s_o[DEC_WARPS][G][HD];
+
+    const int kvh = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int sub = lane % LPK;           // which 8 dims of the row this lane loads
+    const int grp = lane / LPK;           // which token of a load instruction
+    const int num_heads = num_kv_heads * G;
+    const int out_stride = num_heads * HD;
+
+    // Lengths past max_context_len (which the host checked against the block table width) or
+    // block ids outside the cache are contract violations: clamp them rather than read out of
+    // bounds.
+    const int ctx = min(context_lens[seq], max_context_len);
+    const int t0 = split * tokens_per_split;
+    const int t1 = min(ctx, t0 + tokens_per_split);
+    if (t0 >= t1) {
+        // No tokens here. With one split this CTA still owns the output (an empty context
+        // gives zeros); with several the reduce kernel skips this split.
+        if (num_splits == 1) {
+            for (int i = tid; i < G * HD; i += DEC_THREADS)
+                out[(size_t)seq * out_stride + (size_t)kvh * G * HD + i] = __float2bfloat16(0.f);
+        }
+        return;
+    }
+
+    const int bs_mask = (1 << log2_bs) - 1;
+    const int b0 = t0 >> log2_bs;
+    const int nb = ((t1 - 1) >> log2_bs) - b0 + 1;
+    const int* bt = block_tables + (size_t)seq * max_blocks_per_seq;
+    for (int i = tid; i < nb; i += DEC_THREADS)
+        s_bt[i] = min((unsigned)bt[b0 + i], (unsigned)(num_blocks - 1));
+
+    // q of every head of the group, pre-scaled so that scores come out in log2 units.
+    float q[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const uint4 r = *reinterpret_cast<const uint4*>(
+            qkv + (size_t)seq * qkv_stride + (size_t)(kvh * G + g) * HD + sub * 8);
+        unpack8(r, q[g]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[g][j] *= scale_log2;
+    }
+    __syncthreads();
+
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = NEG_INF;
+        l[g] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
+    }
+
+    const size_t row_stride = (size_t)num_kv_heads * HD;
+    const size_t head_off = (size_t)kvh * HD + sub * 8;
+
+    for (int c0 = t0 + warp * CK; c0 < t1; c0 += DEC_WARPS * CK) {
+        uint4 kr[U], vr[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            // Past the end, re-read the last token (masked below): no branch between loads.
+            const int t = min(c0 + u * KPI + grp, t1 - 1);
+            const int blk = s_bt[(t >> log2_bs) - b0];
+            const size_t off =
+                ((size_t)blk * (bs_mask + 1) + (t & bs_mask)) * row_stride + head_off;
+            kr[u] = ld_stream16(k_cache + off);
+            vr[u] = ld_stream16(v_cache + off);
+        }
+
+        float sc[G][U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float kf[8];
+            unpack8(kr[u], kf);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) d = fmaf(q[g][j], kf[j], d);
+                sc[g][u] = d;
+            }
+        }
+#pragma unroll
+        for (int off = LPK / 2; off >= 1; off >>= 1) {
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    sc[g][u] += __shfl_xor_sync(0xffffffffu, sc[g][u], off);
+        }
+
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (c0 + u * KPI + grp >= t1) {
+#pragma unroll
+                for (int g = 0; g < G; ++g) sc[g][u] = NEG_INF;
+            }
+        }
+
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < U; ++u) mx = fmaxf(mx, sc[g][u]);
+            const float mu = (mx == NEG_INF) ? 0.f : mx;
+            const float alpha = exp2f(m[g] - mu);
+            m[g] = mx;
+            l[g] *= alpha;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
+#pragma unroll
+            for (int u = 0; u < U; ++u) sc[g][u] = exp2f(sc[g][u] - mu);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            float vf[8];
+            unpack8(vr[u], vf);
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                l[g] += sc[g][u];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(sc[g][u], vf[j], acc[g][j]);
+            }
+        }
+    }
+
+    // Merge the KPI lane groups of the warp.
+#pragma unroll
+    for (int off = 16; off >= LPK; off >>= 1) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[g], off);
+            const float mx = fmaxf(m[g], mo);
+            const float mu = (mx == NEG_INF) ? 0.f : mx;
+            const float a = exp2f(m[g] - mu), b = exp2f(mo - mu);
+            l[g] = l[g] * a + lo * b;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float ao = __shfl_xor_sync(0xffffffffu, acc[g][j], off);
+                acc[g][j] = acc[g][j] * a + ao * b;
+            }
+            m[g] = mx;
+        }
+    }
+    if (grp == 0) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            if (sub == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s_o[warp][g][sub * 8 + j] = acc[g][j];
+        }
+    }
+    __syncthreads();
+
+    // Merge the warps; thread i writes element i of the group's G * HD outputs.
+    for (int i = tid; i < G * HD; i += DEC_THREADS) {
+        const int g = i / HD, d = i % HD;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) mx = fmaxf(mx, s_m[w][g]);
+        const float mu = (mx == NEG_INF) ? 0.f : mx;
+        float sum = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) {
+            const float a = exp2f(s_m[w][g] - mu);
+            sum += s_l[w][g] * a;
+            o += s_o[w][g][d] * a;
+        }
+        const float r = sum > 0.f ? o / sum : 0.f;
+        const int h = kvh * G + g;
+        if (num_splits == 1) {
+            out[(size_t)seq * out_stride + (size_t)h * HD + d] = __float2bfloat16(r);
+        } else {
+            const size_t p = ((size_t)seq * num_heads + h) * num_splits + split;
+            part_o[p * HD + d] = r;
+            if (d == 0) {
+                part_ml[2 * p] = mx;
+                part_ml[2 * p + 1] = sum;
+            }
+        }
+    }
+}
+
+#define DECODE_KERNEL(HD, G)                                                                  \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_hd##HD##_g##G(      \
+        const __nv_bfloat16* __restrict__ qkv, int qkv_stride,                               \
+        const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
+        const int* __restrict__ context_lens, const int* __restrict__ block_tables,          \
+        int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs,               \
+        float scale_log2, int max_context_len, int tokens_per_split, int num_splits,          \
+        __nv_bfloat16* __restrict__ out, float* __restrict__ part_ml,                        \
+        float* __restrict__ part_o) {                                                        \
+        decode_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens, block_tables,    \
+                           max_blocks_per_seq, num_kv_heads, num_blocks, log2_bs, scale_log2, \
+                           max_context_len, tokens_per_split, num_splits, out, part_ml,      \
+                           part_o);                                                          \
+    }
+
+DECODE_KERNEL(64, 1)
+DECODE_KERNEL(64, 2)
+DECODE_KERNEL(64, 3)
+DECODE_KERNEL(64, 4)
+DECODE_KERNEL(64, 5)
+DECODE_KERNEL(64, 6)
+DECODE_KERNEL(64, 7)
+DECODE_KERNEL(64, 8)
+DECODE_KERNEL(128, 1)
+DECODE_KERNEL(128, 2)
+DECODE_KERNEL(128, 3)
+DECODE_KERNEL(128, 4)
+DECODE_KERNEL(128, 5)
+DECODE_KERNEL(128, 6)
+DECODE_KERNEL(128, 7)
+DECODE_KERNEL(128, 8)
+
+// Combines the splits of one (sequence, head): grid (num_heads, num_seqs), head_dim threads.
+// Split i holds tokens [i * tokens_per_split, (i + 1) * tokens_per_split); only the splits that
+// hold some of the sequence's context_lens[seq] tokens were written.
+extern "C" __global__ void attn_decode_reduce(
+    const float* __restrict__ part_ml, const float* __restrict__ part_o,
+    const int* __restrict__ context_lens, int max_context_len, int tokens_per_split,
+    int num_splits, int head_dim, __nv_bfloat16* __restrict__ out)
+{
+    const int h = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
+    const int ctx = min(context_lens[seq], max_context_len);
+    const int nv = ctx <= 0 ? 0 : min(num_splits, (ctx + tokens_per_split - 1) / tokens_per_split);
+    const size_t base = ((size_t)seq * num_heads + h) * num_splits;
+    float mx = NEG_INF;
+    for (int i = 0; i < nv; ++i) mx = fmaxf(mx, part_ml[2 * (base + i)]);
+    const float mu = (mx == NEG_INF) ? 0.f : mx;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.f, o = 0.f;
+        for (int i = 0; i < nv; ++i) {
+            const float w = part_ml[2 * (base + i) + 1] * exp2f(part_ml[2 * (base + i)] - mu);
+            sum += w;
+            o += w * part_o[(base + i) * head_dim + d];
+        }
+        out[((size_t)seq * num_heads + h) * head_dim + d] =
+            __float2bfloat16(sum > 0.f ? o / sum : 0.f);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: varlen causal flash attention, K/V read from the paged cache.
+//
+// Grid (num_heads, num_seqs, num_q_tiles), 128 threads (4 warps), one CTA per 64-query tile of
+// one head of one sequence; z runs the tiles last-first, so the CTAs with the most keys start
+// first and the short ones fill the tail. Each warp owns 16 query rows. Q (64 x HD) is loaded to
+// shared memory once and held in registers as mma A fragments; K and V tiles of 64 keys stream
+// through a two-stage cp.async ring (the next tile loads while this one is computed). S = Q K^T
+// and O += P V run on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) with operands
+// from ldmatrix (V through .trans). Shared-memory rows are XOR-swizzled in 16-byte units
+// (chunk ^ (row & 7)) so that the eight rows one ldmatrix phase reads hit distinct banks.
+// Key tiles past the causal limit of the tile's last query are never loaded; only tiles that
+// cross the diagonal or the end of the keys are masked.
+// ---------------------------------------------------------------------------------------------
+
+#define PF_BM 64
+#define PF_BN 64
+#define PF_THREADS 128
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    const int n = valid ? 16 : 0;  // 0 bytes read: the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+// d += a * b for one m16n8k16 tile (bf16 operands, f32 accumulators).
+__device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Offset (in elements) of 16-byte chunk `c` of row `r` in a swizzled [rows, HD] tile.
+template <int HD>
+__device__ __forceinline__ int swz(int r, int c) {
+    return r * HD + ((c ^ (r & 7)) << 3);
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_body(
+    const __nv_bfloat16* __restrict__ qkv, int qkv_stride, int q_rows,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,
+    const int* __restrict__ block_tables, int max_blocks_per_seq, int num_kv_heads,
+    int num_blocks, int max_seqlen_k, int log2_bs, float scale_log2,
+    __nv_bfloat16* __restrict__ out)
+{
+    constexpr int CH = HD / 8;                    // 16-byte chunks per row
+    constexpr int ROWS_PER_PASS = PF_THREADS / CH; // rows one cp.async pass covers
+    constexpr int PASSES = PF_BN / ROWS_PER_PASS;
+    constexpr int NT = PF_BN / 8;                 // n-tiles of S
+    constexpr int OT = HD / 8;                    // n-tiles of O
+    constexpr int KS = HD / 16;                   // k-steps of Q K^T
+
+    extern __shared__ __align__(128) uint8_t pf_smem[];
+    __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(pf_smem);
+    __nv_bfloat16* sK = sQ + PF_BM * HD;          // two stages
+    __nv_bfloat16* sV = sK + 2 * PF_BN * HD;      // two stages
+
+    const int h = blockIdx.x, seq = blockIdx.y;
+    const int qt = gridDim.z - 1 - blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int num_heads = gridDim.x;
+    const int kvh = h / (num_heads / num_kv_heads);
+
+    // Metadata the host could not check is clamped: rows past the buffers (q_rows) are neither
+    // read nor written, keys past max_seqlen_k (within a block_tables row) are ignored, block
+    // ids are clamped into the cache.
+    const int q_start = cu_seqlens_q[seq];
+    const int len_q = min(cu_seqlens_q[seq + 1], q_rows) - q_start;
+    const int len_k = min(cu_seqlens_k[seq + 1] - cu_seqlens_k[seq], max_seqlen_k);
+    const int q0 = qt * PF_BM;
+    if (q0 >= len_q) return;
+    const int diag = len_k - len_q;               // query i sees keys 0..=diag + i
+    const int kv_end = min(len_k, diag + q0 + PF_BM);
+    const int n_tiles = (kv_end + PF_BN - 1) / PF_BN;
+    const int out_stride = num_heads * HD;
+
+    // ---- async loads ----
+    const int ch = tid % CH;
+    {
+#pragma unroll
+        for (int p = 0; p < PF_BM / ROWS_PER_PASS; ++p) {
+            const int r = tid / CH + p * ROWS_PER_PASS;
+            const bool valid = q0 + r < len_q;
+            const __nv_bfloat16* src =
+                valid ? qkv + (size_t)(q_start + q0 + r) * qkv_stride + (size_t)h * HD + ch * 8
+                      : qkv;
+            cp_async16(sQ + swz<HD>(r, ch), src, valid);
+        }
+    }
+    const int bs_mask = (1 << log2_bs) - 1;
+    const int* bt = block_tables + (size_t)seq * max_blocks_per_seq;
+    const size_t row_stride = (size_t)num_kv_heads * HD;
+    const size_t head_off = (size_t)kvh * HD + ch * 8;
+    auto load_kv = [&](int tile, int stage) {
+        __nv_bfloat16* dk = sK + stage * PF_BN * HD;
+        __nv_bfloat16* dv = sV + stage * PF_BN * HD;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int r = tid / CH + p * ROWS_PER_PASS;
+            const int key = tile * PF_BN + r;
+            const bool valid = key < len_k;
+            size_t off = 0;
+            if (valid) {
+                const int blk = min((unsigned)bt[key >> log2_bs], (unsigned)(num_blocks - 1));
+                off = ((size_t)blk * (bs_mask + 1) + (key & bs_mask)) * row_stride + head_off;
+            }
+            cp_async16(dk + swz<HD>(r, ch), k_cache + off, valid);
+            cp_async16(dv + swz<HD>(r, ch), v_cache + off, valid);
+        }
+    };
+    load_kv(0, 0);
+    cp_async_commit();
+
+    // ---- per-warp state: rows g and g + 8 of the warp's 16 ----
+    const int g = lane >> 2, t4 = lane & 3;
+    const int row0 = q0 + warp * 16 + g;          // query index (within the sequence) of row g
+    uint32_t qf[KS][4];
+    float o[OT][4];
+#pragma unroll
+    for (int i = 0; i < OT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+
+    // ldmatrix lane roles: matrix mi = lane / 8, row lane % 8 of it.
+    const int mi = lane >> 3, lr = lane & 7;
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int stage = j & 1;
+        if (j + 1 < n_tiles) {
+            load_kv(j + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                const int r = warp * 16 + (mi & 1) * 8 + lr;
+                ldmatrix_x4(qf[kk], sQ + swz<HD>(r, kk * 2 + (mi >> 1)));
+            }
+        }
+
+        const __nv_bfloat16* tk = sK + stage * PF_BN * HD;
+        const __nv_bfloat16* tv = sV + stage * PF_BN * HD;
+
+        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+        float s[NT][4];
+#pragma unroll
+        for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t b[4];
+                const int r = np * 16 + (mi >> 1) * 8 + lr;
+                ldmatrix_x4(b, tk + swz<HD>(r, kk * 2 + (mi & 1)));
+                mma_bf16(s[2 * np], qf[kk], b[0], b[1]);
+                mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
+            }
+        }
+
+        // Scale to log2 units; mask keys past the causal limit or past the end.
+        const int k0 = j * PF_BN;
+        const bool need_mask = (k0 + PF_BN - 1 > diag + q0 + warp * 16) || (k0 + PF_BN > len_k);
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float v = s[i][e] * scale_log2;
+                if (need_mask) {
+                    const int key = k0 + i * 8 + 2 * t4 + (e & 1);
+                    const int qi = row0 + ((e >> 1) << 3);
+                    if (key > diag + qi || key >= len_k) v = NEG_INF;
+                }
+                s[i][e] = v;
+            }
+        }
+
+        // Online softmax, rows g (r = 0) and g + 8 (r = 1); a row's 64 scores sit in the 4 lanes
+        // of a quad.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = m[r];
+#pragma unroll
+            for (int i = 0; i < NT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mu = (mx == NEG_INF) ? 0.f : mx;
+            const float alpha = exp2f(m[r] - mu);
+            m[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                s[i][2 * r] = exp2f(s[i][2 * r] - mu);
+                s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - mu);
+                sum += s[i][2 * r] + s[i][2 * r + 1];
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int i = 0; i < OT; ++i) {
+                o[i][2 * r] *= alpha;
+                o[i][2 * r + 1] *= alpha;
+            }
+        }
+
+        // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+#pragma unroll
+        for (int kk = 0; kk < PF_BN / 16; ++kk) {
+            uint32_t a[4];
+            a[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; ++dp) {
+                uint32_t b[4];
+                const int r = kk * 16 + (mi & 1) * 8 + lr;
+                ldmatrix_x4_trans(b, tv + swz<HD>(r, dp * 2 + (mi >> 1)));
+                mma_bf16(o[2 * dp], a, b[0], b[1]);
+                mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // this stage is overwritten by the loads of iteration j + 1
+    }
+
+    cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles can be 0 on bad metadata)
+
+    // Finish: row sums across the quad, normalise, store.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int qi = row0 + r * 8;
+        if (qi < len_q) {
+            __nv_bfloat16* dst = out + (size_t)(q_start + qi) * out_stride + (size_t)h * HD;
+#pragma unroll
+            for (int i = 0; i < OT; ++i) {
+                *reinterpret_cast<uint32_t*>(dst + i * 8 + 2 * t4) =
+                    pack_bf16x2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+            }
+        }
+    }
+}
+
+#define PREFILL_KERNEL(HD)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_hd##HD(             \
+        const __nv_bfloat16* __restrict__ qkv, int qkv_stride, int q_rows,                   \
+        const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
+        const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,          \
+        const int* __restrict__ block_tables, int max_blocks_per_seq, int num_kv_heads,      \
+        int num_blocks, int max_seqlen_k, int log2_bs, float scale_log2,                     \
+        __nv_bfloat16* __restrict__ out) {                                                   \
+        prefill_body<HD>(qkv, qkv_stride, q_rows, k_cache, v_cache, cu_seqlens_q,            \
+                         cu_seqlens_k, block_tables, max_blocks_per_seq, num_kv_heads,       \
+                         num_blocks, max_seqlen_k, log2_bs, scale_log2, out);                \
+    }
+
+PREFILL_KERNEL(64)
+PREFILL_KERNEL(128)

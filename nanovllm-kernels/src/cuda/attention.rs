@@ -1,0 +1,463 @@
+//! Launchers of the attention kernels (`cuda/attention.cu`): paged decode with flash-decoding
+//! splits, and varlen causal prefill on tensor cores, both reading K/V from the paged cache.
+//!
+//! Called by [`CudaBackend`]'s `prefill_attention` and `decode_attention` (the model's attention
+//! layer, once per layer and step). Each launcher checks buffer lengths against the dimensions it
+//! was given (an [`Error::Shape`] names the buffer), picks the kernel for the head size (and, for
+//! decode, the GQA group size), and queues it on the backend's stream. Values inside device
+//! buffers (sequence lengths, block ids) cannot be checked without a device round trip; the
+//! kernels clamp them so that bad metadata gives wrong numbers, never an out-of-bounds access.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use half::bf16;
+use nanovllm_utils::{Error, Result};
+
+use super::{check_len, driver_err, CudaBackend, CudaBuf};
+use crate::backend::AttnParams;
+
+/// Threads of a decode CTA (4 warps), as `DEC_THREADS` in the kernel source.
+const DECODE_THREADS: u32 = 128;
+/// A split's token count is a multiple of this (a whole number of warp chunks for every head
+/// size and group size).
+const SPLIT_GRANULE: usize = 128;
+/// Fewest tokens worth a split of their own: below this a CTA's fixed cost (loading q and the
+/// block table, merging warps, the partial write) is no longer small against its K/V reads.
+const MIN_SPLIT_TOKENS: usize = 256;
+/// Most block-table entries one decode CTA stages in shared memory (16 KiB of i32).
+const MAX_SPLIT_BLOCKS: usize = 4096;
+/// Queries of a prefill CTA (`PF_BM`) and keys of one K/V tile (`PF_BN`) in the kernel source.
+const PREFILL_BM: usize = 64;
+const PREFILL_BN: usize = 64;
+/// Threads of a prefill CTA (4 warps of 16 query rows).
+const PREFILL_THREADS: u32 = 128;
+
+/// `log2(e)`: the kernels exponentiate in base 2, so scores are scaled by `scale * log2(e)`.
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+fn cuda_err(what: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| driver_err(what, e)
+}
+
+fn bad_params(op: &'static str, msg: String) -> Error {
+    Error::Other(format!("op {op}: {msg}"))
+}
+
+/// Checks the head layout and block size both attention kernels need, and returns
+/// `log2(block_size)`.
+fn check_params(op: &'static str, attn: &AttnParams) -> Result<i32> {
+    if attn.num_heads == 0
+        || attn.num_kv_heads == 0
+        || !attn.num_heads.is_multiple_of(attn.num_kv_heads)
+    {
+        return Err(bad_params(
+            op,
+            format!(
+                "num_heads ({}) must be a positive multiple of num_kv_heads ({})",
+                attn.num_heads, attn.num_kv_heads
+            ),
+        ));
+    }
+    if attn.head_dim != 64 && attn.head_dim != 128 {
+        return Err(bad_params(
+            op,
+            format!(
+                "head_dim {} is not supported by the CUDA kernels (64 or 128)",
+                attn.head_dim
+            ),
+        ));
+    }
+    if !attn.block_size.is_power_of_two() || attn.block_size > 256 {
+        return Err(bad_params(
+            op,
+            format!(
+                "block_size {} must be a power of two no larger than 256",
+                attn.block_size
+            ),
+        ));
+    }
+    Ok(attn.block_size.trailing_zeros() as i32)
+}
+
+/// `a * b`, or a shape error on `tensor` when the product overflows.
+fn mul(op: &'static str, tensor: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            bad_params(
+                op,
+                format!("tensor `{tensor}` with dimensions {dims:?} is too large"),
+            )
+        })
+}
+
+/// Converts a host-side dimension to the `int` a kernel takes.
+fn to_i32(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| bad_params(op, format!("{what} = {v} does not fit in an i32")))
+}
+
+/// Checks the K/V caches (whole blocks of `[block_size, num_kv_heads, head_dim]`, the same
+/// count in both) and returns the number of blocks.
+fn check_cache(
+    op: &'static str,
+    k_cache: &CudaBuf<bf16>,
+    v_cache: &CudaBuf<bf16>,
+    attn: &AttnParams,
+) -> Result<usize> {
+    let block_elems = mul(
+        op,
+        "k_cache",
+        &[attn.block_size, attn.num_kv_heads, attn.head_dim],
+    )?;
+    let num_blocks = k_cache.len() / block_elems;
+    check_len(op, "k_cache", k_cache, block_elems)?;
+    check_len(op, "v_cache", v_cache, num_blocks * block_elems)?;
+    Ok(num_blocks)
+}
+
+/// How a decode call is cut into flash-decoding splits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DecodeSplits {
+    /// Splits per (sequence, kv head); 1 means no reduce pass.
+    pub num_splits: usize,
+    /// Tokens of each split (a multiple of [`SPLIT_GRANULE`]); split `i` holds tokens
+    /// `i * tokens_per_split..(i + 1) * tokens_per_split`.
+    pub tokens_per_split: usize,
+}
+
+/// Picks the split of a decode call. A function of its arguments alone, so that a CUDA graph
+/// captured with `max_context_len = max_model_len` stays valid for every shorter context.
+///
+/// `base` CTAs (one per sequence and kv head) are enough when they fill a wave
+/// (`wave = num_sms * ctas_per_sm` resident CTAs); otherwise each context is cut into as many
+/// splits as keep the CTA count within one wave (never splits shorter than
+/// [`MIN_SPLIT_TOKENS`]), since decode is bound by memory bandwidth and a wave is what keeps
+/// every SM's loads in flight.
+pub(crate) fn decode_splits(
+    num_seqs: usize,
+    num_kv_heads: usize,
+    max_context_len: usize,
+    block_size: usize,
+    wave: usize,
+) -> DecodeSplits {
+    let base = (num_seqs * num_kv_heads).max(1);
+    let max_ctx = max_context_len.max(1);
+    let by_len = max_ctx.div_ceil(MIN_SPLIT_TOKENS).max(1);
+    let want = if base >= wave { 1 } else { wave / base };
+    let mut splits = want.clamp(1, by_len);
+    let max_tps = (((MAX_SPLIT_BLOCKS - 1) * block_size) / SPLIT_GRANULE).max(1) * SPLIT_GRANULE;
+    let tokens_per_split = max_ctx
+        .div_ceil(splits)
+        .next_multiple_of(SPLIT_GRANULE)
+        .min(max_tps);
+    splits = max_ctx.div_ceil(tokens_per_split);
+    DecodeSplits {
+        num_splits: splits,
+        tokens_per_split,
+    }
+}
+
+/// Loads a kernel of the attention module.
+fn func(be: &CudaBackend, name: &str) -> Result<CudaFunction> {
+    be.func("attention", name)
+}
+
+/// Paged decode attention; see [`crate::Backend::decode_attention`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_attention(
+    be: &CudaBackend,
+    qkv: &CudaBuf<bf16>,
+    k_cache: &CudaBuf<bf16>,
+    v_cache: &CudaBuf<bf16>,
+    context_lens: &CudaBuf<i32>,
+    block_tables: &CudaBuf<i32>,
+    num_seqs: usize,
+    max_context_len: usize,
+    attn: &AttnParams,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "decode_attention";
+    let log2_bs = check_params(OP, attn)?;
+    let group = attn.num_heads / attn.num_kv_heads;
+    if group > 8 {
+        return Err(bad_params(
+            OP,
+            format!(
+                "{} query heads per kv head is not supported (at most 8)",
+                group
+            ),
+        ));
+    }
+    let qkv_width = attn.qkv_width();
+    let out_width = attn.num_heads * attn.head_dim;
+    check_len(OP, "qkv", qkv, mul(OP, "qkv", &[num_seqs, qkv_width])?)?;
+    check_len(OP, "out", out, mul(OP, "out", &[num_seqs, out_width])?)?;
+    check_len(OP, "context_lens", context_lens, num_seqs)?;
+    check_len(
+        OP,
+        "block_tables",
+        block_tables,
+        mul(OP, "block_tables", &[num_seqs, attn.max_blocks_per_seq])?,
+    )?;
+    let num_blocks = check_cache(OP, k_cache, v_cache, attn)?;
+    // No context can be longer than its block_tables row addresses: the kernels never look
+    // past it.
+    let max_context_len = max_context_len.min(mul(
+        OP,
+        "block_tables",
+        &[attn.max_blocks_per_seq, attn.block_size],
+    )?);
+    if num_seqs == 0 || max_context_len == 0 {
+        return Ok(());
+    }
+
+    let kernel = func(be, &format!("attn_decode_hd{}_g{}", attn.head_dim, group))?;
+    // Occupancy with the largest block-table slice a split can stage.
+    let ctas_per_sm = kernel
+        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, MAX_SPLIT_BLOCKS * 4, None)
+        .map_err(cuda_err("decode_attention: occupancy query"))?
+        .max(1) as usize;
+    let wave = be.num_sms() * ctas_per_sm;
+    let splits = decode_splits(
+        num_seqs,
+        attn.num_kv_heads,
+        max_context_len,
+        attn.block_size,
+        wave,
+    );
+    let smem_bytes = (splits.tokens_per_split.div_ceil(attn.block_size) + 1) * 4;
+
+    let stream: &Arc<CudaStream> = be.stream();
+    let qkv_stride = to_i32(OP, "qkv row width", qkv_width)?;
+    let mbps = to_i32(OP, "max_blocks_per_seq", attn.max_blocks_per_seq)?;
+    let nkv = to_i32(OP, "num_kv_heads", attn.num_kv_heads)?;
+    let scale_log2 = attn.scale * LOG2_E;
+    let tps = to_i32(OP, "tokens_per_split", splits.tokens_per_split)?;
+    let nsplit = to_i32(OP, "num_splits", splits.num_splits)?;
+    let max_ctx = to_i32(OP, "max_context_len", max_context_len)?;
+    let nblocks = to_i32(OP, "num_blocks", num_blocks)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            attn.num_kv_heads as u32,
+            num_seqs as u32,
+            splits.num_splits as u32,
+        ),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: smem_bytes as u32,
+    };
+
+    if splits.num_splits == 1 {
+        // The kernel writes `out` directly; the partial pointers are never read.
+        let mut b = stream.launch_builder(&kernel);
+        b.arg(qkv.raw())
+            .arg(&qkv_stride)
+            .arg(k_cache.raw())
+            .arg(v_cache.raw())
+            .arg(context_lens.raw())
+            .arg(block_tables.raw())
+            .arg(&mbps)
+            .arg(&nkv)
+            .arg(&nblocks)
+            .arg(&log2_bs)
+            .arg(&scale_log2)
+            .arg(&max_ctx)
+            .arg(&tps)
+            .arg(&nsplit)
+            .arg(out.raw_mut())
+            .arg(&0u64)
+            .arg(&0u64);
+        // SAFETY: the argument list matches `attn_decode_hd*_g*` (pointers, then ints/floats in
+        // the kernel's order); every buffer was checked above to hold the elements the grid
+        // touches (num_seqs rows of qkv/out/context_lens/block_tables), cache reads are bounded
+        // by the clamped block ids, and with one split the null partial pointers are unused.
+        unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
+        return Ok(());
+    }
+
+    let parts = num_seqs * attn.num_heads * splits.num_splits;
+    let ml_len = 2 * parts;
+    let mut scratch = be.scratch_f32(ml_len + parts * attn.head_dim)?;
+    let (mut part_ml, mut part_o) = scratch.split_at_mut(ml_len);
+    let mut b = stream.launch_builder(&kernel);
+    b.arg(qkv.raw())
+        .arg(&qkv_stride)
+        .arg(k_cache.raw())
+        .arg(v_cache.raw())
+        .arg(context_lens.raw())
+        .arg(block_tables.raw())
+        .arg(&mbps)
+        .arg(&nkv)
+        .arg(&nblocks)
+        .arg(&log2_bs)
+        .arg(&scale_log2)
+        .arg(&max_ctx)
+        .arg(&tps)
+        .arg(&nsplit)
+        .arg(out.raw_mut())
+        .arg(&mut part_ml)
+        .arg(&mut part_o);
+    // SAFETY: as above; the scratch holds 2 floats of (max, sum) and head_dim floats of output
+    // for every (sequence, head, split) the grid writes.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
+
+    let reduce = func(be, "attn_decode_reduce")?;
+    let hd = attn.head_dim as i32;
+    let rcfg = LaunchConfig {
+        grid_dim: (attn.num_heads as u32, num_seqs as u32, 1),
+        block_dim: (attn.head_dim as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&reduce);
+    b.arg(&mut part_ml)
+        .arg(&mut part_o)
+        .arg(context_lens.raw())
+        .arg(&max_ctx)
+        .arg(&tps)
+        .arg(&nsplit)
+        .arg(&hd)
+        .arg(out.raw_mut());
+    // SAFETY: `attn_decode_reduce` reads the partials the launch above wrote (same stream, so
+    // ordered after it) for num_seqs x num_heads x num_splits entries, and writes num_seqs rows
+    // of num_heads * head_dim to `out`, checked above.
+    unsafe { b.launch(rcfg) }.map_err(cuda_err("decode_attention: reduce launch"))?;
+    Ok(())
+}
+
+/// Varlen causal prefill attention over the paged cache; see [`crate::Backend::prefill_attention`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefill_attention(
+    be: &CudaBackend,
+    qkv: &CudaBuf<bf16>,
+    k_cache: &CudaBuf<bf16>,
+    v_cache: &CudaBuf<bf16>,
+    cu_seqlens_q: &CudaBuf<i32>,
+    cu_seqlens_k: &CudaBuf<i32>,
+    block_tables: &CudaBuf<i32>,
+    num_seqs: usize,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    attn: &AttnParams,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "prefill_attention";
+    let log2_bs = check_params(OP, attn)?;
+    let qkv_width = attn.qkv_width();
+    let out_width = attn.num_heads * attn.head_dim;
+    // Every query row lies in the first cu_seqlens_q[num_seqs] rows, which the host cannot see;
+    // a batch holds at least its longest sequence, and the kernel skips rows past the buffers.
+    check_len(OP, "qkv", qkv, mul(OP, "qkv", &[max_seqlen_q, qkv_width])?)?;
+    check_len(OP, "out", out, mul(OP, "out", &[max_seqlen_q, out_width])?)?;
+    check_len(OP, "cu_seqlens_q", cu_seqlens_q, num_seqs + 1)?;
+    check_len(OP, "cu_seqlens_k", cu_seqlens_k, num_seqs + 1)?;
+    check_len(
+        OP,
+        "block_tables",
+        block_tables,
+        mul(OP, "block_tables", &[num_seqs, attn.max_blocks_per_seq])?,
+    )?;
+    let num_blocks = check_cache(OP, k_cache, v_cache, attn)?;
+    let max_seqlen_k = max_seqlen_k.min(mul(
+        OP,
+        "block_tables",
+        &[attn.max_blocks_per_seq, attn.block_size],
+    )?);
+    if num_seqs == 0 || max_seqlen_q == 0 {
+        return Ok(());
+    }
+
+    let kernel = func(be, &format!("attn_prefill_hd{}", attn.head_dim))?;
+    let smem_bytes = (PREFILL_BM + 4 * PREFILL_BN) * attn.head_dim * 2;
+    kernel
+        .set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem_bytes as i32,
+        )
+        .map_err(cuda_err("prefill_attention: shared-memory limit"))?;
+    let q_rows = (qkv.len() / qkv_width).min(out.len() / out_width);
+    let q_tiles = max_seqlen_q.div_ceil(PREFILL_BM);
+    let cfg = LaunchConfig {
+        grid_dim: (attn.num_heads as u32, num_seqs as u32, q_tiles as u32),
+        block_dim: (PREFILL_THREADS, 1, 1),
+        shared_mem_bytes: smem_bytes as u32,
+    };
+    let qkv_stride = to_i32(OP, "qkv row width", qkv_width)?;
+    let q_rows = to_i32(OP, "rows of qkv", q_rows)?;
+    let mbps = to_i32(OP, "max_blocks_per_seq", attn.max_blocks_per_seq)?;
+    let nkv = to_i32(OP, "num_kv_heads", attn.num_kv_heads)?;
+    let nblocks = to_i32(OP, "num_blocks", num_blocks)?;
+    let max_k = to_i32(OP, "max_seqlen_k", max_seqlen_k)?;
+    let scale_log2 = attn.scale * LOG2_E;
+    let stream = be.stream();
+    let mut b = stream.launch_builder(&kernel);
+    b.arg(qkv.raw())
+        .arg(&qkv_stride)
+        .arg(&q_rows)
+        .arg(k_cache.raw())
+        .arg(v_cache.raw())
+        .arg(cu_seqlens_q.raw())
+        .arg(cu_seqlens_k.raw())
+        .arg(block_tables.raw())
+        .arg(&mbps)
+        .arg(&nkv)
+        .arg(&nblocks)
+        .arg(&max_k)
+        .arg(&log2_bs)
+        .arg(&scale_log2)
+        .arg(out.raw_mut());
+    // SAFETY: the argument list matches `attn_prefill_hd*`; the cu_seqlens and block_tables
+    // rows the grid reads were checked above, query rows are bounded by q_rows (the rows both
+    // qkv and out hold), key counts by max_seqlen_k (within a block_tables row) and block ids
+    // are clamped to the cache's num_blocks; the dynamic shared memory was raised to what the
+    // kernel uses.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("prefill_attention: launch"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_batches_do_not_split() {
+        let s = decode_splits(256, 8, 1024, 256, 132 * 4);
+        assert_eq!(s.num_splits, 1);
+        assert!(s.tokens_per_split >= 1024);
+    }
+
+    #[test]
+    fn small_batches_split_long_contexts_to_fill_a_wave() {
+        let s = decode_splits(16, 8, 8192, 256, 132 * 4);
+        assert_eq!(s.num_splits, 4);
+        assert_eq!(s.tokens_per_split, 2048);
+        // One sequence: as many splits as the context allows, none shorter than the minimum.
+        let s = decode_splits(1, 8, 8192, 16, 132 * 4);
+        assert_eq!(s.num_splits, 32);
+        assert_eq!(s.tokens_per_split, 256);
+        let s = decode_splits(1, 8, 100, 16, 132 * 4);
+        assert_eq!(
+            s,
+            DecodeSplits {
+                num_splits: 1,
+                tokens_per_split: 128
+            }
+        );
+    }
+
+    #[test]
+    fn splits_cover_the_context_and_fit_the_block_table_slice() {
+        for &(n, ctx, bs) in &[
+            (1, 200_000, 16),
+            (3, 40_960, 16),
+            (7, 5_000, 256),
+            (512, 1, 16),
+        ] {
+            let s = decode_splits(n, 8, ctx, bs, 528);
+            assert!(s.num_splits * s.tokens_per_split >= ctx);
+            assert!((s.num_splits - 1) * s.tokens_per_split < ctx);
+            assert_eq!(s.tokens_per_split % SPLIT_GRANULE, 0);
+            assert!(s.tokens_per_split.div_ceil(bs) < MAX_SPLIT_BLOCKS);
+        }
+    }
+}
