@@ -1,0 +1,325 @@
+//! Tensor-parallel communication as the layers see it: the rank, the group size, and the two
+//! collectives nano-vLLM's layers use (all-reduce after a row-parallel linear or the
+//! vocab-parallel embedding; gather of the LM head's vocab slices to rank 0).
+//!
+//! Layers hold an `Arc<dyn TpComm<B>>` and only call a collective when `size() > 1`, so a
+//! single-GPU run pays nothing. [`SingleRank`] is the group of one; [`ThreadComm`] is a group
+//! of threads of one process on the CPU backend (how the sharded layers and models are tested
+//! against their unsharded selves); the multi-process implementation (NCCL) lives with the
+//! engine, which owns the worker processes.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use half::bf16;
+use nanovllm_kernels::cpu::{CpuBackend, CpuBuf};
+use nanovllm_kernels::Backend;
+use nanovllm_utils::{Error, Result};
+
+/// A tensor-parallel group as seen by one rank.
+pub trait TpComm<B: Backend>: Send + Sync {
+    /// This rank's index in the group, `0..size()`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// In place, over the first `len` elements of `buf`: every rank ends with the element-wise
+    /// sum of all ranks' buffers.
+    fn all_reduce_sum(&self, be: &B, buf: &mut B::Buf<bf16>, len: usize) -> Result<()>;
+    /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
+    /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
+    /// elements land at `full[r * stride..r * stride + len]` (`len <= stride`). With a fixed
+    /// stride, where each rank's rows land does not depend on how many rows a step has, so the
+    /// rank-0 reordering that follows needs no per-step index upload. Other ranks pass any
+    /// buffer as `full`; it is left untouched.
+    fn gather_rank0(
+        &self,
+        be: &B,
+        part: &B::Buf<bf16>,
+        len: usize,
+        full: &mut B::Buf<bf16>,
+    ) -> Result<()>;
+}
+
+/// The group of one rank: no sharding, every collective a no-op.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleRank;
+
+impl<B: Backend> TpComm<B> for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&self, _be: &B, _buf: &mut B::Buf<bf16>, _len: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// With one rank the part is the whole; layers never call this when `size() == 1`
+    /// (they read `part` directly), so it does nothing rather than copy.
+    fn gather_rank0(
+        &self,
+        _be: &B,
+        _part: &B::Buf<bf16>,
+        _len: usize,
+        _full: &mut B::Buf<bf16>,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How long a [`ThreadComm`] rank waits for the others before giving up.
+const THREAD_COMM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the ranks of a [`ThreadComm`] group share.
+struct GroupState {
+    /// Ranks that reached the current meeting point.
+    arrived: usize,
+    /// Meeting points passed so far.
+    generation: u64,
+    /// Each rank's contribution to the collective in progress.
+    slots: Vec<Vec<bf16>>,
+}
+
+struct Group {
+    size: usize,
+    state: Mutex<GroupState>,
+    cv: Condvar,
+}
+
+/// One rank of a tensor-parallel group whose ranks are threads of one process, on the CPU
+/// backend. Collectives meet at a barrier; a rank that waits longer than a minute for the
+/// others (one of them failed before the collective) gets an [`Error::Worker`] instead of
+/// hanging.
+///
+/// The all-reduce sums in f32 in rank order and rounds once to bf16, so every rank ends with
+/// the same bits.
+#[derive(Clone)]
+pub struct ThreadComm {
+    rank: usize,
+    group: Arc<Group>,
+}
+
+impl ThreadComm {
+    /// The `size` ranks of a new group; hand one to each thread.
+    pub fn group(size: usize) -> Vec<ThreadComm> {
+        let group = Arc::new(Group {
+            size,
+            state: Mutex::new(GroupState {
+                arrived: 0,
+                generation: 0,
+                slots: vec![Vec::new(); size],
+            }),
+            cv: Condvar::new(),
+        });
+        (0..size)
+            .map(|rank| ThreadComm {
+                rank,
+                group: Arc::clone(&group),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        // A rank that panicked while holding the lock left consistent data (slots are only
+        // replaced whole), so a poisoned lock is still usable.
+        self.group
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until every rank has called `meet` as many times as this one.
+    fn meet<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, GroupState>,
+    ) -> Result<MutexGuard<'a, GroupState>> {
+        let generation = st.generation;
+        st.arrived += 1;
+        if st.arrived == self.group.size {
+            st.arrived = 0;
+            st.generation += 1;
+            self.group.cv.notify_all();
+            return Ok(st);
+        }
+        while st.generation == generation {
+            let (guard, timeout) = self
+                .group
+                .cv
+                .wait_timeout(st, THREAD_COMM_TIMEOUT)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            st = guard;
+            if timeout.timed_out() && st.generation == generation {
+                return Err(Error::Worker(format!(
+                    "rank {} of {} waited {:?} for the other ranks at a collective",
+                    self.rank, self.group.size, THREAD_COMM_TIMEOUT
+                )));
+            }
+        }
+        Ok(st)
+    }
+
+    /// Deposits `data` as this rank's contribution and waits for every rank's.
+    fn exchange(&self, data: &[bf16]) -> Result<MutexGuard<'_, GroupState>> {
+        let mut st = self.lock();
+        st.slots[self.rank] = data.to_vec();
+        self.meet(st)
+    }
+}
+
+fn shape_err(op: &'static str, tensor: &'static str, expected: usize, found: usize) -> Error {
+    Error::Shape {
+        op,
+        tensor,
+        expected,
+        found,
+    }
+}
+
+impl TpComm<CpuBackend> for ThreadComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.group.size
+    }
+
+    fn all_reduce_sum(&self, _be: &CpuBackend, buf: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
+        const OP: &str = "ThreadComm::all_reduce_sum";
+        let mine = buf
+            .as_slice()
+            .get(..len)
+            .ok_or_else(|| shape_err(OP, "buf", len, buf.len()))?;
+        let st = self.exchange(mine)?;
+        if let Some(r) = st.slots.iter().position(|s| s.len() != len) {
+            return Err(Error::Worker(format!(
+                "{OP}: rank {r} reduced {} elements, rank {} {len}",
+                st.slots[r].len(),
+                self.rank
+            )));
+        }
+        for (i, out) in buf.as_mut_slice()[..len].iter_mut().enumerate() {
+            let sum: f32 = st.slots.iter().map(|s| s[i].to_f32()).sum();
+            *out = bf16::from_f32(sum);
+        }
+        // Nobody may overwrite a slot until every rank has read them all.
+        drop(self.meet(st)?);
+        Ok(())
+    }
+
+    fn gather_rank0(
+        &self,
+        _be: &CpuBackend,
+        part: &CpuBuf<bf16>,
+        len: usize,
+        full: &mut CpuBuf<bf16>,
+    ) -> Result<()> {
+        const OP: &str = "ThreadComm::gather_rank0";
+        let mine = part
+            .as_slice()
+            .get(..len)
+            .ok_or_else(|| shape_err(OP, "part", len, part.len()))?;
+        let st = self.exchange(mine)?;
+        let result = if self.rank == 0 {
+            let size = self.group.size;
+            let stride = full.len() / size;
+            if len > stride {
+                Err(shape_err(OP, "full", size * len, full.len()))
+            } else {
+                for (r, slot) in st.slots.iter().enumerate() {
+                    let n = slot.len().min(stride);
+                    full.as_mut_slice()[r * stride..r * stride + n].copy_from_slice(&slot[..n]);
+                }
+                Ok(())
+            }
+        } else {
+            Ok(())
+        };
+        drop(self.meet(st)?);
+        result
+    }
+}
+
+/// `total / tp_size`, or an error naming `what` when the split is uneven: a model can only be
+/// sharded over a group whose size divides its heads, its MLP width and its vocabulary.
+pub fn divide(total: usize, tp_size: usize, what: &str) -> Result<usize> {
+    if total.checked_rem(tp_size) != Some(0) {
+        return Err(nanovllm_utils::Error::EngineConfig {
+            option: "tensor_parallel_size",
+            msg: format!("{what} ({total}) is not divisible by the tensor-parallel size {tp_size}"),
+        });
+    }
+    Ok(total / tp_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::on_threads;
+
+    #[test]
+    fn divide_checks_evenness() {
+        assert_eq!(divide(16, 4, "heads").unwrap(), 4);
+        let err = divide(6, 4, "num_key_value_heads").unwrap_err().to_string();
+        assert!(err.contains("num_key_value_heads (6)"), "{err}");
+        assert!(divide(6, 0, "heads").is_err());
+    }
+
+    #[test]
+    fn thread_comm_all_reduce_sums_every_rank() {
+        let be = CpuBackend::new();
+        let out = on_threads(3, |c| {
+            let r = c.rank() as f32;
+            let mut buf =
+                CpuBuf::from_vec(vec![bf16::from_f32(r), bf16::from_f32(10.0 * r), bf16::ONE]);
+            // Only the first two elements take part.
+            c.all_reduce_sum(&be, &mut buf, 2).unwrap();
+            // A second collective right after must not see the first one's slots.
+            c.all_reduce_sum(&be, &mut buf, 2).unwrap();
+            buf.into_vec()
+        });
+        for v in out {
+            let v: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            assert_eq!(v, vec![9.0, 90.0, 1.0]); // (0+1+2) * 3 ranks, then untouched
+        }
+    }
+
+    #[test]
+    fn thread_comm_gathers_at_a_fixed_stride() {
+        let be = CpuBackend::new();
+        let out = on_threads(2, |c| {
+            let r = c.rank() as f32 + 1.0;
+            let part = CpuBuf::from_vec(vec![bf16::from_f32(r); 3]);
+            let mut full = CpuBuf::from_vec(vec![bf16::ZERO; 8]);
+            c.gather_rank0(&be, &part, 2, &mut full).unwrap();
+            full.into_vec()
+                .iter()
+                .map(|x| x.to_f32())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(out[0], vec![1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]);
+        assert_eq!(out[1], vec![0.0; 8]);
+    }
+
+    #[test]
+    fn thread_comm_rejects_short_buffers() {
+        let be = CpuBackend::new();
+        let comms = ThreadComm::group(1);
+        let mut buf = CpuBuf::from_vec(vec![bf16::ONE; 2]);
+        let err = comms[0].all_reduce_sum(&be, &mut buf, 3).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Shape {
+                    expected: 3,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
