@@ -88,6 +88,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Number of elements of `buf`.
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     /// A new buffer holding `src`.
+    #[allow(clippy::wrong_self_convention)] // `self` is the device the buffer is made on.
     fn from_host<T: Elem>(&self, src: &[T]) -> Result<Self::Buf<T>>;
     /// Copies `src` into the first `src.len()` elements of `dst`.
     fn htod<T: Elem>(&self, src: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
