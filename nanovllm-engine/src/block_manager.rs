@@ -34,15 +34,14 @@ use xxhash_rust::xxh64::Xxh64;
 /// Marks "no block" in the free list's links.
 const NIL: u32 = u32::MAX;
 
-/// One physical KV-cache block's metadata.
-#[derive(Debug, Clone, Default)]
+/// One physical KV-cache block's metadata. The tokens its hash was computed from live in
+/// `BlockManager::block_token_ids`, at `block_id * block_size`.
+#[derive(Debug, Clone, Copy, Default)]
 struct Block {
     /// Number of sequences whose block table holds this block; 0 means it is in the free list.
     ref_count: u32,
     /// Chained hash of the block's tokens, set once the block is full; kept after it is freed.
     hash: Option<u64>,
-    /// The tokens the hash was computed from (checked on every hit).
-    token_ids: Vec<u32>,
 }
 
 /// FIFO of free block ids with O(1) removal of any member: a doubly linked list over block ids.
@@ -74,6 +73,7 @@ impl FreeBlockQueue {
         q
     }
 
+    #[inline]
     fn push_back(&mut self, id: u32) {
         let i = id as usize;
         debug_assert!(!self.in_queue[i], "block {id} freed twice");
@@ -89,6 +89,7 @@ impl FreeBlockQueue {
         self.len += 1;
     }
 
+    #[inline]
     fn pop_front(&mut self) -> Option<u32> {
         let id = self.head;
         if id == NIL {
@@ -99,6 +100,7 @@ impl FreeBlockQueue {
     }
 
     /// Unlinks `id`, which must be in the queue.
+    #[inline]
     fn remove(&mut self, id: u32) {
         let i = id as usize;
         debug_assert!(self.in_queue[i], "block {id} is not free");
@@ -159,11 +161,27 @@ impl PrefixCacheStats {
 #[derive(Debug, Clone)]
 pub struct BlockManager {
     block_size: usize,
+    /// `log2(block_size)` when it is a power of two: the hot path then shifts instead of dividing.
+    block_shift: Option<u32>,
     enable_prefix_caching: bool,
     blocks: Vec<Block>,
+    /// The tokens of every hashed block, `block_size` per block, checked on every cache hit
+    /// (one allocation up front, so registering a block allocates nothing).
+    block_token_ids: Vec<u32>,
     hash_to_block_id: HashMap<u64, u32>,
     free_block_ids: FreeBlockQueue,
     stats: PrefixCacheStats,
+    last_lookup: LastLookup,
+}
+
+/// The cache hits found by the last [`BlockManager::can_allocate`], so that the `allocate` that
+/// the scheduler calls right after for the same sequence need not hash its blocks again.
+#[derive(Debug, Clone, Default)]
+struct LastLookup {
+    seq_id: u64,
+    num_tokens: usize,
+    /// `(hash, block_id)` of each leading cached block.
+    hits: Vec<(u64, u32)>,
 }
 
 impl BlockManager {
@@ -171,7 +189,8 @@ impl BlockManager {
     /// cache is never looked up and no block is hashed.
     ///
     /// # Errors
-    /// [`Error::EngineConfig`] when `block_size` is 0 or `num_blocks` does not fit a `u32` block id.
+    /// [`Error::EngineConfig`] when `block_size` is 0, `num_blocks` does not fit a `u32` block id,
+    /// or the token store (`num_blocks * block_size` ids) overflows.
     pub fn new(num_blocks: usize, block_size: usize, enable_prefix_caching: bool) -> Result<Self> {
         if block_size == 0 {
             return Err(Error::EngineConfig {
@@ -186,19 +205,33 @@ impl BlockManager {
                 option: "num_kvcache_blocks",
                 msg: format!("is {num_blocks}, expected fewer than {NIL}"),
             })?;
+        let num_slots = num_blocks
+            .checked_mul(block_size)
+            .ok_or_else(|| Error::EngineConfig {
+                option: "num_kvcache_blocks",
+                msg: format!(
+                    "{num_blocks} blocks of {block_size} tokens overflow the address space"
+                ),
+            })?;
         Ok(Self {
             block_size,
+            block_shift: block_size
+                .is_power_of_two()
+                .then(|| block_size.trailing_zeros()),
             enable_prefix_caching,
             blocks: vec![Block::default(); num_blocks],
+            block_token_ids: vec![0; num_slots],
             hash_to_block_id: HashMap::new(),
             free_block_ids: FreeBlockQueue::new(num_blocks_u32),
             stats: PrefixCacheStats::default(),
+            last_lookup: LastLookup::default(),
         })
     }
 
     /// The chained hash of a full block: xxh64 (seed 0) of the previous block's hash as 8
     /// little-endian bytes (left out for the first block, `prefix == None`) followed by the
     /// token ids as u32 little-endian bytes.
+    #[inline]
     pub fn compute_hash(token_ids: &[u32], prefix: Option<u64>) -> u64 {
         let mut h = Xxh64::new(0);
         if let Some(p) = prefix {
@@ -257,9 +290,17 @@ impl BlockManager {
 
     /// The token ids `block_id` was hashed from (empty when it has no hash).
     pub fn block_token_ids(&self, block_id: u32) -> &[u32] {
-        self.blocks
-            .get(block_id as usize)
-            .map_or(&[], |b| b.token_ids.as_slice())
+        match self.blocks.get(block_id as usize) {
+            Some(b) if b.hash.is_some() => self.stored_tokens(block_id),
+            _ => &[],
+        }
+    }
+
+    /// The token storage of `block_id`.
+    #[inline]
+    fn stored_tokens(&self, block_id: u32) -> &[u32] {
+        let start = block_id as usize * self.block_size;
+        &self.block_token_ids[start..start + self.block_size]
     }
 
     /// The prefix-cache map, `(hash, block_id)` pairs in no particular order.
@@ -273,9 +314,10 @@ impl BlockManager {
     }
 
     /// The block registered for hash `h` if its stored tokens are `token_ids`.
+    #[inline]
     fn lookup(&self, h: u64, token_ids: &[u32]) -> Option<u32> {
         let &id = self.hash_to_block_id.get(&h)?;
-        (self.blocks[id as usize].token_ids == token_ids).then_some(id)
+        (self.stored_tokens(id) == token_ids).then_some(id)
     }
 
     /// Takes the block at the front of the free list, forgetting its cached content.
@@ -289,7 +331,6 @@ impl BlockManager {
             }
         }
         block.ref_count = 1;
-        block.token_ids.clear();
         Some(id)
     }
 
@@ -297,10 +338,13 @@ impl BlockManager {
     /// in the cache; `None`: not enough free blocks.
     ///
     /// A cached block that is in use costs no free block; one that is in the free list does.
-    pub fn can_allocate(&self, seq: &Sequence) -> Option<usize> {
+    /// (Takes `&mut self` only to remember the hits for the `allocate` that follows.)
+    pub fn can_allocate(&mut self, seq: &Sequence) -> Option<usize> {
         let num_blocks = seq.num_blocks(self.block_size);
         let mut num_new_blocks = num_blocks;
         let mut num_cached_blocks = 0;
+        let mut hits = std::mem::take(&mut self.last_lookup.hits);
+        hits.clear();
         if self.enable_prefix_caching {
             let mut h = None;
             for i in 0..num_blocks.saturating_sub(1) {
@@ -310,12 +354,18 @@ impl BlockManager {
                 let Some(id) = self.lookup(hash, token_ids) else {
                     break;
                 };
+                hits.push((hash, id));
                 num_cached_blocks += 1;
                 if self.blocks[id as usize].ref_count > 0 {
                     num_new_blocks -= 1;
                 }
             }
         }
+        self.last_lookup = LastLookup {
+            seq_id: seq.seq_id,
+            num_tokens: seq.num_tokens,
+            hits,
+        };
         (self.free_block_ids.len >= num_new_blocks).then_some(num_cached_blocks)
     }
 
@@ -350,14 +400,29 @@ impl BlockManager {
                 }
             )));
         }
-        // First pass, changing nothing in the manager: find the cached blocks again.
+        // First pass, changing nothing in the manager: find the cached blocks again. After a
+        // `can_allocate` of this sequence, its hits are re-checked instead of re-hashed: a map
+        // entry still pointing at the block means the block still holds the tokens it was
+        // hashed from, and those equal this sequence's, so the chained hashes agree too.
+        let memo = &self.last_lookup;
+        let use_memo = memo.seq_id == seq.seq_id
+            && memo.num_tokens == seq.num_tokens
+            && memo.hits.len() >= num_cached_blocks;
         let mut h = None;
         let mut num_new_blocks = num_blocks;
         for i in 0..num_cached_blocks {
             let token_ids = seq.block(i, self.block_size);
-            let hash = Self::compute_hash(token_ids, h);
-            h = Some(hash);
-            let Some(id) = self.lookup(hash, token_ids) else {
+            let found = if use_memo {
+                let (hash, id) = memo.hits[i];
+                (self.hash_to_block_id.get(&hash) == Some(&id)
+                    && self.stored_tokens(id) == token_ids)
+                    .then_some(id)
+            } else {
+                let hash = Self::compute_hash(token_ids, h);
+                h = Some(hash);
+                self.lookup(hash, token_ids)
+            };
+            let Some(id) = found else {
                 seq.block_table.clear();
                 return Err(Error::Other(format!(
                     "block manager: block {i} of sequence {} is not in the prefix cache",
@@ -425,11 +490,22 @@ impl BlockManager {
 
     /// Whether the decode step of `seq` (whose last token is not yet in the cache) needs a new
     /// block, i.e. the last token starts a block: `len(seq) % block_size == 1` in nano-vLLM.
+    #[inline]
     fn needs_new_block(&self, seq: &Sequence) -> bool {
-        seq.num_blocks(self.block_size) > seq.block_table.len()
+        seq.num_tokens > seq.block_table.len() * self.block_size
+    }
+
+    /// Number of full blocks in `num_tokens` tokens.
+    #[inline]
+    fn full_blocks(&self, num_tokens: usize) -> usize {
+        match self.block_shift {
+            Some(shift) => num_tokens >> shift,
+            None => num_tokens / self.block_size,
+        }
     }
 
     /// Whether `seq` can take its next decode step: a free block exists if it needs one.
+    #[inline]
     pub fn can_append(&self, seq: &Sequence) -> bool {
         self.free_block_ids.len >= usize::from(self.needs_new_block(seq))
     }
@@ -439,6 +515,7 @@ impl BlockManager {
     /// # Errors
     /// [`Error::OutOfMemory`] when it needs one and none is free (call
     /// [`can_append`](Self::can_append) first).
+    #[inline]
     pub fn may_append(&mut self, seq: &mut Sequence) -> Result<()> {
         if self.needs_new_block(seq) {
             let id = self.allocate_block().ok_or_else(|| {
@@ -455,18 +532,24 @@ impl BlockManager {
     /// Registers in the prefix cache the blocks of `seq` that the current step fills: those
     /// between `num_cached_tokens` and `num_cached_tokens + num_scheduled_tokens`. Called after
     /// the step has run, before those counters advance.
+    #[inline]
     pub fn hash_blocks(&mut self, seq: &Sequence) {
         if !self.enable_prefix_caching {
             return;
         }
-        let bs = self.block_size;
-        let start = seq.num_cached_tokens / bs;
-        let end = ((seq.num_cached_tokens + seq.num_scheduled_tokens) / bs)
-            .min(seq.block_table.len())
-            .min(seq.num_tokens / bs);
-        if start >= end {
-            return;
+        let start = self.full_blocks(seq.num_cached_tokens);
+        let computed = (seq.num_cached_tokens + seq.num_scheduled_tokens).min(seq.num_tokens);
+        let end = self.full_blocks(computed).min(seq.block_table.len());
+        if start < end {
+            self.register_blocks(seq, start, end);
         }
+    }
+
+    /// Hashes blocks `start..end` of `seq` and registers them. Out of line: most decode steps
+    /// fill no block, and keeping this off the inlined check keeps the callers' loops tight.
+    #[inline(never)]
+    fn register_blocks(&mut self, seq: &Sequence, start: usize, end: usize) {
+        let bs = self.block_size;
         let mut h = if start > 0 {
             self.blocks[seq.block_table[start - 1] as usize].hash
         } else {
@@ -477,10 +560,9 @@ impl BlockManager {
             let token_ids = seq.block(i, bs);
             let hash = Self::compute_hash(token_ids, h);
             h = Some(hash);
-            let block = &mut self.blocks[id as usize];
-            block.hash = Some(hash);
-            block.token_ids.clear();
-            block.token_ids.extend_from_slice(token_ids);
+            self.blocks[id as usize].hash = Some(hash);
+            let start = id as usize * bs;
+            self.block_token_ids[start..start + bs].copy_from_slice(token_ids);
             self.hash_to_block_id.insert(hash, id);
         }
     }
@@ -573,6 +655,31 @@ mod tests {
             .all(|(h, id)| bm.block_hash(id) == Some(h)));
         bm.deallocate(&mut c);
         assert_eq!(bm.can_allocate(&seq(3, vec![1, 2, 3, 4, 0])), Some(0));
+    }
+
+    #[test]
+    fn allocate_rechecks_the_hits_of_can_allocate() {
+        let mut bm = BlockManager::new(4, 2, true).unwrap();
+        let mut a = seq(0, vec![1, 2, 3, 4, 5]);
+        prefill(&mut bm, &mut a);
+        bm.deallocate(&mut a);
+        let mut b = seq(1, vec![1, 2, 3, 4, 6]);
+        assert_eq!(bm.can_allocate(&b), Some(2));
+        // Another sequence with the same id and length but other tokens cannot use those hits.
+        let mut impostor = seq(1, vec![1, 2, 9, 9, 6]);
+        assert!(matches!(
+            bm.allocate(&mut impostor, 2),
+            Err(Error::Other(_))
+        ));
+        // Evict the cached blocks between `can_allocate` and `allocate`.
+        let mut c = seq(2, vec![7, 8, 9, 10, 11, 12, 13, 14]);
+        prefill(&mut bm, &mut c);
+        bm.deallocate(&mut c);
+        assert!(matches!(bm.allocate(&mut b, 2), Err(Error::Other(_))));
+        assert!(b.block_table.is_empty());
+        assert_eq!(bm.num_free_blocks(), 4);
+        assert_eq!(bm.can_allocate(&b), Some(0));
+        bm.allocate(&mut b, 0).unwrap();
     }
 
     #[test]

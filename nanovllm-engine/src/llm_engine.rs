@@ -9,7 +9,7 @@
 //! the GPU runner, the CPU runner, or a fake one in tests.
 
 use crate::sampling_params::SamplingParams;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use nanovllm_utils::{Error, Result};
 
@@ -24,6 +24,29 @@ pub trait ModelRunner {
 
     /// KV-cache blocks the runner allocated.
     fn num_kvcache_blocks(&self) -> usize;
+
+    /// Teacher-forced logits of every position of `tokens` (`[len, vocab]` f32), for checking
+    /// a model against a reference. Runners without a model refuse.
+    fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let _ = tokens;
+        Err(Error::Other(
+            "this model runner cannot score prompts".into(),
+        ))
+    }
+}
+
+impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
+    fn run(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
+        (**self).run(seqs, is_prefill)
+    }
+
+    fn num_kvcache_blocks(&self) -> usize {
+        (**self).num_kvcache_blocks()
+    }
+
+    fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        (**self).score(tokens)
+    }
 }
 
 /// A finished request.
@@ -74,6 +97,8 @@ pub struct LLMEngine<R: ModelRunner> {
     config: SchedulerConfig,
     vocab_size: usize,
     next_seq_id: u64,
+    /// The step's batch, kept to reuse its buffers.
+    batch: ScheduledBatch,
 }
 
 impl<R: ModelRunner> std::fmt::Debug for LLMEngine<R> {
@@ -123,6 +148,7 @@ impl<R: ModelRunner> LLMEngine<R> {
             config: config.clone(),
             vocab_size,
             next_seq_id: 0,
+            batch: ScheduledBatch::default(),
         })
     }
 
@@ -174,6 +200,9 @@ impl<R: ModelRunner> LLMEngine<R> {
             )));
         }
         params.max_tokens = params.max_tokens.min(max_model_len - prompt_len);
+        let mut prompt_token_ids = prompt_token_ids;
+        // Room for every generated token, so decode steps never grow the vector.
+        prompt_token_ids.reserve_exact(params.max_tokens);
         let seq_id = self.next_seq_id;
         let seed = params.seed.unwrap_or_else(|| splitmix64(seq_id));
         let seq = Sequence::new(seq_id, prompt_token_ids, params, seed)?;
@@ -190,10 +219,26 @@ impl<R: ModelRunner> LLMEngine<R> {
     /// token id `>= vocab_size`. The step's sequences are then aborted (their blocks freed), so
     /// the engine stays consistent and the other requests go on.
     pub fn step(&mut self) -> Result<StepOutput> {
-        let Some(batch) = self.scheduler.schedule()? else {
-            return Ok(StepOutput::default());
-        };
-        let seqs = self.scheduler.seqs(&batch);
+        let mut out = StepOutput::default();
+        self.step_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`step`](Self::step) into `out`, whose vectors are cleared and reused: a loop that keeps
+    /// one `StepOutput` allocates nothing per step for it.
+    ///
+    /// # Errors
+    /// As [`step`](Self::step).
+    pub fn step_into(&mut self, out: &mut StepOutput) -> Result<()> {
+        out.finished.clear();
+        out.new_tokens.clear();
+        out.is_prefill = false;
+        out.num_tokens = 0;
+        if !self.scheduler.schedule_into(&mut self.batch)? {
+            return Ok(());
+        }
+        let batch = &self.batch;
+        let seqs = self.scheduler.seqs(batch);
         let checked = self
             .runner
             .run(&seqs, batch.is_prefill())
@@ -222,22 +267,27 @@ impl<R: ModelRunner> LLMEngine<R> {
                 return Err(e);
             }
         };
-        let new_tokens = seqs
-            .iter()
-            .zip(&token_ids)
-            .filter(|(seq, _)| seq.completes_prefill())
-            .map(|(seq, &t)| (seq.seq_id, t))
-            .collect();
-        let finished = self.scheduler.postprocess(&batch, &token_ids)?;
-        Ok(StepOutput {
-            finished: finished
-                .into_iter()
-                .map(SequenceOutput::from_finished)
-                .collect(),
-            new_tokens,
-            is_prefill: batch.is_prefill(),
-            num_tokens: batch.num_tokens(),
-        })
+        if batch.is_prefill() {
+            out.new_tokens.extend(
+                seqs.iter()
+                    .zip(&token_ids)
+                    .filter(|(seq, _)| seq.completes_prefill())
+                    .map(|(seq, &t)| (seq.seq_id, t)),
+            );
+        } else {
+            // Every decoding sequence gets its token.
+            out.new_tokens.extend(
+                seqs.iter()
+                    .map(|seq| seq.seq_id)
+                    .zip(token_ids.iter().copied()),
+            );
+        }
+        let finished = self.scheduler.postprocess(batch, &token_ids)?;
+        out.finished
+            .extend(finished.into_iter().map(SequenceOutput::from_finished));
+        out.is_prefill = batch.is_prefill();
+        out.num_tokens = batch.num_tokens();
+        Ok(())
     }
 
     /// Whether no request is waiting or running.
@@ -305,19 +355,17 @@ impl<R: ModelRunner> LLMEngine<R> {
             }
         }
         let mut outputs: Vec<Option<SequenceOutput>> = vec![None; n];
+        let mut out = StepOutput::default();
         while !self.is_finished() {
-            let out = match self.step() {
-                Ok(out) => out,
-                Err(e) => {
-                    self.abort_range(first_id, n);
-                    return Err(e);
-                }
-            };
+            if let Err(e) = self.step_into(&mut out) {
+                self.abort_range(first_id, n);
+                return Err(e);
+            }
             on_step(&out);
-            for f in &out.finished {
+            for f in out.finished.drain(..) {
                 // Ids are consecutive from `first_id`, in prompt order.
                 if let Some(slot) = outputs.get_mut((f.seq_id - first_id) as usize) {
-                    *slot = Some(f.clone());
+                    *slot = Some(f);
                 }
             }
         }

@@ -23,9 +23,10 @@
 //!   (unless `ignore_eos`), on one of its `stop_token_ids`, or at `max_tokens`, and its blocks
 //!   are freed.
 //!
-//! Sequences are owned by the scheduler, keyed by `seq_id`; the queues and a
-//! [`ScheduledBatch`] hold ids, so the runner can borrow the sequences between `schedule` and
-//! `postprocess`.
+//! Sequences are owned by the scheduler in a slab (a vector of slots, reused after a sequence
+//! leaves); the queues and a [`ScheduledBatch`] hold slot numbers, so the hot path indexes
+//! instead of hashing, and the runner can borrow the sequences between `schedule` and
+//! `postprocess`. A map from `seq_id` to slot serves `get` and `abort`.
 
 use crate::block_manager::BlockManager;
 use crate::sequence::{FinishReason, Sequence, SequenceStatus};
@@ -99,9 +100,11 @@ impl SchedulerConfig {
 }
 
 /// The sequences of one step, in the order the runner must see them, and the kind of step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScheduledBatch {
     seq_ids: Vec<u64>,
+    /// The scheduler slot of each sequence.
+    slots: Vec<u32>,
     is_prefill: bool,
     num_tokens: usize,
 }
@@ -134,7 +137,7 @@ impl ScheduledBatch {
 }
 
 /// Hasher for engine-assigned sequence ids: one multiply (Fibonacci hashing). Ids are dense
-/// counters chosen by the engine, never by a user, so this spreads them evenly.
+/// counters chosen by the engine, so this spreads them evenly.
 #[derive(Default)]
 struct SeqIdHasher(u64);
 
@@ -154,7 +157,7 @@ impl Hasher for SeqIdHasher {
     }
 }
 
-type SeqMap = HashMap<u64, Sequence, BuildHasherDefault<SeqIdHasher>>;
+type SlotMap = HashMap<u64, u32, BuildHasherDefault<SeqIdHasher>>;
 
 /// Waiting and running queues over the sequences it owns, and the block manager
 /// (nano-vLLM's `Scheduler`).
@@ -165,9 +168,14 @@ pub struct Scheduler {
     block_size: usize,
     eos_token_ids: Vec<u32>,
     block_manager: BlockManager,
-    seqs: SeqMap,
-    waiting: VecDeque<u64>,
-    running: VecDeque<u64>,
+    /// The sequences, by slot; `None` for a free slot.
+    slots: Vec<Option<Sequence>>,
+    free_slots: Vec<u32>,
+    slot_of: SlotMap,
+    /// Slots, front first.
+    waiting: VecDeque<u32>,
+    /// Slots, front first.
+    running: VecDeque<u32>,
 }
 
 impl Scheduler {
@@ -198,7 +206,9 @@ impl Scheduler {
                 config.block_size,
                 config.enable_prefix_caching,
             )?,
-            seqs: SeqMap::default(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            slot_of: SlotMap::default(),
             waiting: VecDeque::new(),
             running: VecDeque::new(),
         })
@@ -213,7 +223,7 @@ impl Scheduler {
     /// computed; the last sampled token's is not). The last check guarantees progress: a lone
     /// sequence always fits.
     pub fn add(&mut self, seq: Sequence) -> Result<()> {
-        if self.seqs.contains_key(&seq.seq_id) {
+        if self.slot_of.contains_key(&seq.seq_id) {
             return Err(Error::InvalidRequest(format!(
                 "sequence id {} is already in the scheduler",
                 seq.seq_id
@@ -245,8 +255,22 @@ impl Scheduler {
                 self.block_manager.num_blocks()
             )));
         }
-        self.waiting.push_back(seq.seq_id);
-        self.seqs.insert(seq.seq_id, seq);
+        let slot = match self.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                let slot = u32::try_from(self.slots.len()).map_err(|_| {
+                    Error::InvalidRequest(format!(
+                        "the scheduler already holds {} sequences",
+                        self.slots.len()
+                    ))
+                })?;
+                self.slots.push(None);
+                slot
+            }
+        };
+        self.slot_of.insert(seq.seq_id, slot);
+        self.slots[slot as usize] = Some(seq);
+        self.waiting.push_back(slot);
         Ok(())
     }
 
@@ -272,7 +296,8 @@ impl Scheduler {
 
     /// The sequence `seq_id`, if it is waiting or running.
     pub fn get(&self, seq_id: u64) -> Option<&Sequence> {
-        self.seqs.get(&seq_id)
+        let &slot = self.slot_of.get(&seq_id)?;
+        self.slots[slot as usize].as_ref()
     }
 
     /// Picks the next step's sequences: a prefill batch if any waiting sequence can start or
@@ -283,25 +308,37 @@ impl Scheduler {
     /// [`Error::Other`] when sequences remain but none can be scheduled, which
     /// [`add`](Self::add)'s capacity check rules out.
     pub fn schedule(&mut self) -> Result<Option<ScheduledBatch>> {
+        let mut batch = ScheduledBatch::default();
+        Ok(self.schedule_into(&mut batch)?.then_some(batch))
+    }
+
+    /// [`schedule`](Self::schedule) into a batch whose buffers are reused from step to step
+    /// (so the engine's step allocates no batch). Returns false, with `batch` emptied, when
+    /// nothing is waiting or running.
+    ///
+    /// # Errors
+    /// As [`schedule`](Self::schedule).
+    pub fn schedule_into(&mut self, batch: &mut ScheduledBatch) -> Result<bool> {
+        batch.seq_ids.clear();
+        batch.slots.clear();
+        batch.num_tokens = 0;
         if self.is_finished() {
-            return Ok(None);
+            return Ok(false);
         }
-        let mut scheduled = Vec::new();
         let mut num_batched_tokens = 0;
 
         // Prefill.
-        while scheduled.len() < self.max_num_seqs {
-            let Some(&seq_id) = self.waiting.front() else {
+        while batch.slots.len() < self.max_num_seqs {
+            let Some(&slot) = self.waiting.front() else {
                 break;
             };
             let remaining = self.max_num_batched_tokens - num_batched_tokens;
             if remaining == 0 {
                 break;
             }
-            let seq = self
-                .seqs
-                .get_mut(&seq_id)
-                .ok_or_else(|| missing("waiting", seq_id))?;
+            let seq = self.slots[slot as usize]
+                .as_mut()
+                .ok_or_else(|| missing("waiting", slot))?;
             let needs_blocks = seq.block_table.is_empty();
             let (num_tokens, num_cached_blocks) = if needs_blocks {
                 let Some(num_cached_blocks) = self.block_manager.can_allocate(seq) else {
@@ -315,7 +352,7 @@ impl Scheduler {
                 (seq.num_tokens - seq.num_cached_tokens, 0)
             };
             // Only the first sequence of a batch may be chunked.
-            if remaining < num_tokens && !scheduled.is_empty() {
+            if remaining < num_tokens && !batch.slots.is_empty() {
                 break;
             }
             if needs_blocks {
@@ -323,49 +360,50 @@ impl Scheduler {
             }
             seq.num_scheduled_tokens = num_tokens.min(remaining);
             num_batched_tokens += seq.num_scheduled_tokens;
+            batch.slots.push(slot);
+            batch.seq_ids.push(seq.seq_id);
             if seq.completes_prefill() {
                 seq.status = SequenceStatus::Running;
                 self.waiting.pop_front();
-                self.running.push_back(seq_id);
+                self.running.push_back(slot);
             }
-            scheduled.push(seq_id);
         }
-        if !scheduled.is_empty() {
-            return Ok(Some(ScheduledBatch {
-                seq_ids: scheduled,
-                is_prefill: true,
-                num_tokens: num_batched_tokens,
-            }));
+        if !batch.slots.is_empty() {
+            batch.is_prefill = true;
+            batch.num_tokens = num_batched_tokens;
+            return Ok(true);
         }
 
-        // Decode.
-        while scheduled.len() < self.max_num_seqs {
-            let Some(seq_id) = self.running.pop_front() else {
-                break;
-            };
+        // Decode. nano-vLLM pops each sequence off the front of the running queue and puts the
+        // scheduled ones back in front at the end; walking the queue in place gives the same
+        // order without moving anything: `running[..i]` are scheduled, `running[i + 1..]` not
+        // yet looked at.
+        let mut i = 0;
+        while i < self.running.len() && batch.slots.len() < self.max_num_seqs {
+            let slot = self.running[i];
             loop {
-                let seq = self
-                    .seqs
-                    .get_mut(&seq_id)
-                    .ok_or_else(|| missing("running", seq_id))?;
+                let seq = self.slots[slot as usize]
+                    .as_mut()
+                    .ok_or_else(|| missing("running", slot))?;
                 if self.block_manager.can_append(seq) {
                     seq.num_scheduled_tokens = 1;
                     self.block_manager.may_append(seq)?;
-                    scheduled.push(seq_id);
+                    batch.slots.push(slot);
+                    batch.seq_ids.push(seq.seq_id);
+                    i += 1;
                     break;
                 }
-                if let Some(victim) = self.running.pop_back() {
-                    self.preempt(victim)?;
-                } else {
-                    self.preempt(seq_id)?;
+                // Preempt the newest sequence not yet scheduled, or this one if it is the last.
+                let Some(victim) = self.running.pop_back() else {
+                    break;
+                };
+                self.preempt(victim)?;
+                if victim == slot {
                     break;
                 }
             }
         }
-        for &seq_id in scheduled.iter().rev() {
-            self.running.push_front(seq_id);
-        }
-        if scheduled.is_empty() {
+        if batch.slots.is_empty() {
             return Err(Error::Other(format!(
                 "scheduler: {} waiting and {} running sequences but none fits the {} KV-cache \
                  blocks",
@@ -374,35 +412,41 @@ impl Scheduler {
                 self.block_manager.num_blocks()
             )));
         }
-        let num_tokens = scheduled.len();
-        Ok(Some(ScheduledBatch {
-            seq_ids: scheduled,
-            is_prefill: false,
-            num_tokens,
-        }))
+        batch.is_prefill = false;
+        batch.num_tokens = batch.slots.len();
+        Ok(true)
     }
 
     /// Sends a running sequence back to the front of the waiting queue, freeing its blocks.
-    fn preempt(&mut self, seq_id: u64) -> Result<()> {
-        let seq = self
-            .seqs
-            .get_mut(&seq_id)
-            .ok_or_else(|| missing("running", seq_id))?;
+    fn preempt(&mut self, slot: u32) -> Result<()> {
+        let seq = self.slots[slot as usize]
+            .as_mut()
+            .ok_or_else(|| missing("running", slot))?;
         seq.status = SequenceStatus::Waiting;
         seq.num_scheduled_tokens = 0;
         self.block_manager.deallocate(seq);
-        self.waiting.push_front(seq_id);
+        self.waiting.push_front(slot);
         Ok(())
+    }
+
+    /// The sequence in `slot` if it is still `seq_id` (not aborted since it was scheduled).
+    fn batch_seq(&self, slot: u32, seq_id: u64) -> Option<&Sequence> {
+        self.slots
+            .get(slot as usize)?
+            .as_ref()
+            .filter(|s| s.seq_id == seq_id)
     }
 
     /// The batch's sequences, in batch order, for the model runner. Sequences aborted since
     /// `schedule` are left out.
     pub fn seqs(&self, batch: &ScheduledBatch) -> Vec<&Sequence> {
-        batch
-            .seq_ids
-            .iter()
-            .filter_map(|id| self.seqs.get(id))
-            .collect()
+        let mut seqs = Vec::with_capacity(batch.len());
+        for (&slot, &seq_id) in batch.slots.iter().zip(&batch.seq_ids) {
+            if let Some(seq) = self.batch_seq(slot, seq_id) {
+                seqs.push(seq);
+            }
+        }
+        seqs
     }
 
     /// Applies a step's sampled tokens, `token_ids[i]` for `batch.seq_ids()[i]`: registers the
@@ -424,9 +468,14 @@ impl Scheduler {
                 batch.len()
             )));
         }
-        let mut finished_ids = Vec::new();
-        for (&seq_id, &token_id) in batch.seq_ids.iter().zip(token_ids) {
-            let Some(seq) = self.seqs.get_mut(&seq_id) else {
+        let mut finished_slots = Vec::new();
+        for ((&slot, &seq_id), &token_id) in batch.slots.iter().zip(&batch.seq_ids).zip(token_ids) {
+            let Some(seq) = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(Option::as_mut)
+                .filter(|s| s.seq_id == seq_id)
+            else {
                 continue; // aborted since `schedule`
             };
             self.block_manager.hash_blocks(seq);
@@ -450,28 +499,40 @@ impl Scheduler {
                 seq.status = SequenceStatus::Finished;
                 seq.finish_reason = Some(reason);
                 self.block_manager.deallocate(seq);
-                finished_ids.push(seq_id);
+                finished_slots.push(slot);
             }
         }
-        if finished_ids.is_empty() {
+        if finished_slots.is_empty() {
             return Ok(Vec::new());
         }
-        let seqs = &self.seqs;
-        self.running
-            .retain(|id| seqs.get(id).is_some_and(|s| !s.is_finished()));
-        Ok(finished_ids
-            .iter()
-            .filter_map(|id| self.seqs.remove(id))
+        let slots = &self.slots;
+        self.running.retain(|&slot| {
+            slots[slot as usize]
+                .as_ref()
+                .is_some_and(|s| !s.is_finished())
+        });
+        Ok(finished_slots
+            .into_iter()
+            .filter_map(|slot| self.take_slot(slot))
             .collect())
+    }
+
+    /// Empties `slot`, returning its sequence.
+    fn take_slot(&mut self, slot: u32) -> Option<Sequence> {
+        let seq = self.slots.get_mut(slot as usize)?.take()?;
+        self.slot_of.remove(&seq.seq_id);
+        self.free_slots.push(slot);
+        Some(seq)
     }
 
     /// Removes a waiting or running sequence, freeing its blocks. Returns it (status
     /// `Finished`, `finish_reason` `None`), or `None` if no such sequence is in the scheduler.
     pub fn abort(&mut self, seq_id: u64) -> Option<Sequence> {
-        let mut seq = self.seqs.remove(&seq_id)?;
-        if let Some(i) = self.waiting.iter().position(|&id| id == seq_id) {
+        let &slot = self.slot_of.get(&seq_id)?;
+        let mut seq = self.take_slot(slot)?;
+        if let Some(i) = self.waiting.iter().position(|&s| s == slot) {
             self.waiting.remove(i);
-        } else if let Some(i) = self.running.iter().position(|&id| id == seq_id) {
+        } else if let Some(i) = self.running.iter().position(|&s| s == slot) {
             self.running.remove(i);
         }
         self.block_manager.deallocate(&mut seq);
@@ -481,9 +542,9 @@ impl Scheduler {
     }
 }
 
-fn missing(queue: &str, seq_id: u64) -> Error {
+fn missing(queue: &str, slot: u32) -> Error {
     Error::Other(format!(
-        "scheduler: sequence {seq_id} is in the {queue} queue but not in the scheduler"
+        "scheduler: slot {slot} is in the {queue} queue but holds no sequence"
     ))
 }
 

@@ -107,42 +107,50 @@ impl Sequence {
 
     /// Number of tokens, prompt plus generated (nano-vLLM's `len(seq)`).
     #[allow(clippy::len_without_is_empty)] // a sequence always holds at least its prompt
+    #[inline]
     pub fn len(&self) -> usize {
         self.num_tokens
     }
 
     /// Number of generated tokens.
+    #[inline]
     pub fn num_completion_tokens(&self) -> usize {
         self.num_tokens - self.num_prompt_tokens
     }
 
     /// The prompt's token ids.
+    #[inline]
     pub fn prompt_token_ids(&self) -> &[u32] {
         &self.token_ids[..self.num_prompt_tokens]
     }
 
     /// The generated token ids.
+    #[inline]
     pub fn completion_token_ids(&self) -> &[u32] {
         &self.token_ids[self.num_prompt_tokens..]
     }
 
     /// Blocks needed to hold all `num_tokens` tokens.
+    #[inline]
     pub fn num_blocks(&self, block_size: usize) -> usize {
         self.num_tokens.div_ceil(block_size)
     }
 
     /// Full blocks among the cached tokens.
+    #[inline]
     pub fn num_cached_blocks(&self, block_size: usize) -> usize {
         self.num_cached_tokens / block_size
     }
 
     /// Tokens in the last block, from 1 to `block_size`.
+    #[inline]
     pub fn last_block_num_tokens(&self, block_size: usize) -> usize {
         self.num_tokens - (self.num_blocks(block_size).saturating_sub(1)) * block_size
     }
 
     /// The token ids of block `i`: `token_ids[i * block_size .. (i + 1) * block_size]`, shorter
     /// for the last block. Empty when `i` is past the last block.
+    #[inline]
     pub fn block(&self, i: usize, block_size: usize) -> &[u32] {
         let start = (i * block_size).min(self.num_tokens);
         let end = ((i + 1) * block_size).min(self.num_tokens);
@@ -152,11 +160,13 @@ impl Sequence {
     /// Whether the current step's tokens reach the end of the sequence, so that the token
     /// sampled from its last position is kept (false for a prefill chunk that stops short of
     /// the end of the prompt).
+    #[inline]
     pub fn completes_prefill(&self) -> bool {
         self.num_cached_tokens + self.num_scheduled_tokens == self.num_tokens
     }
 
     /// Appends a generated token.
+    #[inline]
     pub fn append_token(&mut self, token_id: u32) {
         self.token_ids.push(token_id);
         self.last_token = token_id;
@@ -164,6 +174,7 @@ impl Sequence {
     }
 
     /// Whether the sequence is finished.
+    #[inline]
     pub fn is_finished(&self) -> bool {
         self.status == SequenceStatus::Finished
     }
