@@ -8,6 +8,7 @@
 
 pub mod block_manager;
 pub mod llm_engine;
+pub mod model_runner;
 pub mod sampling_params;
 pub mod scheduler;
 pub mod sequence;

@@ -1,0 +1,650 @@
+//! ModelRunner: turns a scheduled batch of sequences into one forward pass and one sampled
+//! token per sequence.
+//!
+//! Flow: `LLMEngine::step` -> `Scheduler::schedule` -> [`ModelRunner::run`] ->
+//! `prepare_prefill` / `prepare_decode` (host vectors copied into fixed device buffers) ->
+//! `Qwen3ForCausalLM::forward` -> `compute_logits` -> `Sampler` -> token ids back to the host.
+//!
+//! Everything the hot path touches is allocated once in [`ModelRunner::new`], sized from the
+//! engine config (`max_num_batched_tokens`, `max_num_seqs`, `max_model_len`): the KV cache, the
+//! activations, the step's input buffers. Decode steps on a backend with graphs replay a CUDA
+//! graph captured per batch-size bucket (1, 2, 4, 8, 16, 32, ..., as nano-vLLM), after copying the
+//! step's inputs into the same buffers the graph was captured with.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use half::bf16;
+use nanovllm_kernels::{Backend, GraphExec, SamplingBufs};
+use nanovllm_layers::context::Context;
+use nanovllm_layers::tp::{SingleRank, TpComm};
+use nanovllm_models::qwen3::{KvCache, Qwen3ForCausalLM, Workspace};
+use nanovllm_utils::{EngineConfig, Error, ModelConfig, Result, Weights};
+
+use crate::llm_engine::ModelRunner as StepRunner;
+use crate::sequence::Sequence;
+
+/// Where the weights come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// Safetensors files in the model folder.
+    Safetensors,
+    /// Seeded random weights from config.json alone (as vLLM's `--load-format dummy`).
+    Dummy {
+        /// Seed of the weight RNG.
+        seed: u64,
+    },
+}
+
+/// Memory kept free on the device beside weights, activations and KV cache: cuBLASLt's
+/// workspace, the attention split-K scratch, CUDA graphs and the driver's own needs.
+const RESERVED_BYTES: usize = 768 << 20;
+
+/// The step's inputs on the device: fixed buffers, rewritten every step.
+struct StepBuffers<B: Backend> {
+    input_ids: B::Buf<u32>,
+    positions: B::Buf<i32>,
+    slot_mapping: B::Buf<i32>,
+    cu_seqlens_q: B::Buf<i32>,
+    cu_seqlens_k: B::Buf<i32>,
+    context_lens: B::Buf<i32>,
+    block_tables: B::Buf<i32>,
+    logits_indices: B::Buf<i32>,
+    temperatures: B::Buf<f32>,
+    top_k: B::Buf<i32>,
+    top_p: B::Buf<f32>,
+    seeds: B::Buf<u64>,
+    steps: B::Buf<u32>,
+}
+
+/// The same inputs on the host, reused from step to step.
+#[derive(Default)]
+struct HostInputs {
+    input_ids: Vec<u32>,
+    positions: Vec<i32>,
+    slot_mapping: Vec<i32>,
+    cu_seqlens_q: Vec<i32>,
+    cu_seqlens_k: Vec<i32>,
+    context_lens: Vec<i32>,
+    block_tables: Vec<i32>,
+    logits_indices: Vec<i32>,
+    temperatures: Vec<f32>,
+    top_k: Vec<i32>,
+    top_p: Vec<f32>,
+    seeds: Vec<u64>,
+    steps: Vec<u32>,
+}
+
+impl HostInputs {
+    fn clear(&mut self) {
+        self.input_ids.clear();
+        self.positions.clear();
+        self.slot_mapping.clear();
+        self.cu_seqlens_q.clear();
+        self.cu_seqlens_k.clear();
+        self.context_lens.clear();
+        self.block_tables.clear();
+        self.logits_indices.clear();
+        self.temperatures.clear();
+        self.top_k.clear();
+        self.top_p.clear();
+        self.seeds.clear();
+        self.steps.clear();
+    }
+
+    fn push_sampling(&mut self, seq: &Sequence) {
+        let p = &seq.params;
+        self.temperatures.push(p.temperature);
+        self.top_k.push(p.top_k.min(i32::MAX as usize) as i32);
+        self.top_p.push(p.top_p);
+        self.seeds.push(seq.seed);
+        self.steps.push(seq.num_completion_tokens() as u32);
+    }
+
+    /// Pads decode inputs to `rows` rows with harmless rows: token 0, slot -1, context 0.
+    fn pad_decode(&mut self, rows: usize, max_blocks_per_seq: usize) {
+        let n = self.input_ids.len();
+        self.input_ids.resize(rows, 0);
+        self.positions.resize(rows, 0);
+        self.slot_mapping.resize(rows, -1);
+        self.context_lens.resize(rows, 0);
+        self.block_tables.resize(rows * max_blocks_per_seq, -1);
+        self.logits_indices.clear();
+        self.logits_indices.extend(0..rows as i32);
+        self.temperatures.resize(rows, 0.0);
+        self.top_k.resize(rows, 0);
+        self.top_p.resize(rows, 1.0);
+        self.seeds.resize(rows, 0);
+        self.steps.resize(rows, 0);
+        debug_assert!(n <= rows);
+    }
+}
+
+/// The shape of one step's batch.
+#[derive(Clone, Copy, Debug, Default)]
+struct BatchShape {
+    num_tokens: usize,
+    num_seqs: usize,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+}
+
+/// Sizes fixed at start-up that shape every step.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_num_tokens: usize,
+    max_num_seqs: usize,
+    max_model_len: usize,
+    block_size: usize,
+    max_blocks_per_seq: usize,
+}
+
+/// What [`ModelRunner::new`] found and set up, for logs and the benchmark report.
+#[derive(Clone, Debug, Default)]
+pub struct RunnerStats {
+    /// Bytes of model weights on this rank.
+    pub weight_bytes: usize,
+    /// KV-cache blocks allocated.
+    pub num_kvcache_blocks: usize,
+    /// Bytes of KV cache allocated.
+    pub kvcache_bytes: usize,
+    /// Decode batch sizes with a captured graph.
+    pub graph_batch_sizes: Vec<usize>,
+    /// Seconds spent loading or generating weights.
+    pub load_seconds: f64,
+    /// Seconds spent capturing graphs.
+    pub capture_seconds: f64,
+}
+
+/// Runs the model for the engine: owns the backend, the model, the KV cache and the step
+/// buffers (nano-vLLM's `ModelRunner`).
+pub struct ModelRunner<B: Backend> {
+    be: Arc<B>,
+    model: Qwen3ForCausalLM<B>,
+    kv: KvCache<B>,
+    ws: Workspace<B>,
+    bufs: StepBuffers<B>,
+    sampled: B::Buf<u32>,
+    host: HostInputs,
+    sampled_host: Vec<u32>,
+    limits: Limits,
+    vocab_size: usize,
+    /// Captured decode graphs, ascending by batch size.
+    graphs: Vec<(usize, Box<dyn GraphExec>)>,
+    stats: RunnerStats,
+}
+
+impl<B: Backend> StepBuffers<B> {
+    fn new(be: &B, l: &Limits) -> Result<Self> {
+        let (t, s) = (l.max_num_tokens, l.max_num_seqs);
+        Ok(StepBuffers {
+            input_ids: be.zeros(t)?,
+            positions: be.zeros(t)?,
+            slot_mapping: be.zeros(t)?,
+            cu_seqlens_q: be.zeros(s + 1)?,
+            cu_seqlens_k: be.zeros(s + 1)?,
+            context_lens: be.zeros(s)?,
+            block_tables: be.zeros(s * l.max_blocks_per_seq)?,
+            logits_indices: be.zeros(s)?,
+            temperatures: be.zeros(s)?,
+            top_k: be.zeros(s)?,
+            top_p: be.zeros(s)?,
+            seeds: be.zeros(s)?,
+            steps: be.zeros(s)?,
+        })
+    }
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// Loads the model onto `be`, sizes and allocates the KV cache, and captures the decode
+    /// graphs (unless `config.enforce_eager` or the backend has none).
+    pub fn new(
+        be: Arc<B>,
+        model_config: &ModelConfig,
+        config: &EngineConfig,
+        weights_dir: Option<&Path>,
+        load_format: &LoadFormat,
+    ) -> Result<Self> {
+        let comm: Arc<dyn TpComm<B>> = Arc::new(SingleRank);
+        let mut model = Qwen3ForCausalLM::new(&*be, model_config, comm)?;
+        let t = Instant::now();
+        match load_format {
+            LoadFormat::Dummy { seed } => model.load_dummy(&*be, *seed)?,
+            LoadFormat::Safetensors => {
+                let dir = weights_dir.ok_or_else(|| {
+                    Error::Other("the safetensors load format needs a model folder".into())
+                })?;
+                model.load_weights(&*be, &Weights::open(dir)?)?;
+            }
+        }
+        be.synchronize()?;
+        let load_seconds = t.elapsed().as_secs_f64();
+
+        let block_size = config.kvcache_block_size;
+        let max_model_len = config.max_model_len;
+        let limits = Limits {
+            max_num_tokens: config.max_num_batched_tokens.max(max_model_len),
+            max_num_seqs: config.max_num_seqs,
+            max_model_len,
+            block_size,
+            max_blocks_per_seq: max_model_len.div_ceil(block_size),
+        };
+        let ws = Workspace::new(&*be, &model, limits.max_num_tokens, limits.max_num_seqs)?;
+        let bufs = StepBuffers::new(&*be, &limits)?;
+        let sampled = be.zeros(limits.max_num_seqs)?;
+
+        let block_bytes = KvCache::<B>::bytes_per_block(model_config, 1, block_size);
+        let num_blocks = match config.num_kvcache_blocks {
+            Some(n) => n,
+            None => {
+                let (free, total) = be.memory_info()?;
+                let used = total.saturating_sub(free);
+                let budget = (total as f64 * config.gpu_memory_utilization as f64) as usize;
+                budget.saturating_sub(used + RESERVED_BYTES) / block_bytes
+            }
+        };
+        let need = limits.max_blocks_per_seq;
+        if num_blocks < need {
+            let (free, total) = be.memory_info()?;
+            return Err(Error::OutOfMemory(format!(
+                "the KV cache needs at least {need} blocks ({:.2} GiB) to hold one sequence of \
+                 max_model_len {max_model_len}, but only {num_blocks} fit on {} ({:.2} of \
+                 {:.2} GiB free after weights and activations); lower --max-model-len or \
+                 --max-num-batched-tokens, or raise --gpu-memory-utilization",
+                gib(need * block_bytes),
+                be.name(),
+                gib(free),
+                gib(total),
+            )));
+        }
+        let kv = KvCache::new(&*be, model_config, 1, num_blocks, block_size)?;
+
+        let mut runner = ModelRunner {
+            be,
+            model,
+            kv,
+            ws,
+            bufs,
+            sampled,
+            host: HostInputs::default(),
+            sampled_host: Vec::new(),
+            limits,
+            vocab_size: model_config.vocab_size,
+            graphs: Vec::new(),
+            stats: RunnerStats {
+                weight_bytes: nanovllm_models::qwen3::weight_bytes(model_config),
+                num_kvcache_blocks: num_blocks,
+                kvcache_bytes: num_blocks * block_bytes,
+                load_seconds,
+                ..Default::default()
+            },
+        };
+        if !config.enforce_eager {
+            runner.capture_graphs()?;
+        }
+        Ok(runner)
+    }
+
+    /// What start-up found and set up.
+    pub fn stats(&self) -> &RunnerStats {
+        &self.stats
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.be
+    }
+
+    /// Decode batch-size buckets as nano-vLLM: 1, 2, 4, 8, then multiples of 16 up to
+    /// `max_num_seqs` (which is always a bucket).
+    pub fn graph_batch_sizes(max_num_seqs: usize) -> Vec<usize> {
+        let mut sizes: Vec<usize> = [1, 2, 4, 8]
+            .into_iter()
+            .filter(|&b| b <= max_num_seqs)
+            .collect();
+        sizes.extend((16..=max_num_seqs).step_by(16));
+        if sizes.last() != Some(&max_num_seqs) {
+            sizes.push(max_num_seqs);
+        }
+        sizes
+    }
+
+    /// Captures one decode graph per batch bucket, largest first. Each bucket runs once
+    /// eagerly before its capture so that libraries finish their lazy set-up and scratch
+    /// buffers reach their final size. Graphs are captured with `max_context_len =
+    /// max_model_len`, which bounds every later step.
+    fn capture_graphs(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let mut graphs = Vec::new();
+        for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
+            .iter()
+            .rev()
+        {
+            self.host.clear();
+            self.host.pad_decode(bs, self.limits.max_blocks_per_seq);
+            self.upload(false)?;
+            let shape = self.graph_shape(bs);
+            self.run_ops(false, shape)?;
+            let be = self.be.clone();
+            let graph = be.capture_graph(&mut || self.run_ops(false, shape))?;
+            match graph {
+                Some(g) => graphs.push((bs, g)),
+                None => return Ok(()),
+            }
+        }
+        self.be.synchronize()?;
+        graphs.reverse();
+        self.stats.graph_batch_sizes = graphs.iter().map(|(b, _)| *b).collect();
+        self.graphs = graphs;
+        self.stats.capture_seconds = t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn graph_shape(&self, bs: usize) -> BatchShape {
+        BatchShape {
+            num_tokens: bs,
+            num_seqs: bs,
+            max_seqlen_q: 1,
+            max_seqlen_k: self.limits.max_model_len,
+        }
+    }
+
+    /// Copies the host inputs of this step into the device buffers.
+    fn upload(&mut self, is_prefill: bool) -> Result<()> {
+        let be = &*self.be;
+        let h = &self.host;
+        let b = &mut self.bufs;
+        be.htod(&h.input_ids, &mut b.input_ids)?;
+        be.htod(&h.positions, &mut b.positions)?;
+        be.htod(&h.slot_mapping, &mut b.slot_mapping)?;
+        if is_prefill {
+            be.htod(&h.cu_seqlens_q, &mut b.cu_seqlens_q)?;
+            be.htod(&h.cu_seqlens_k, &mut b.cu_seqlens_k)?;
+        } else {
+            be.htod(&h.context_lens, &mut b.context_lens)?;
+        }
+        be.htod(&h.block_tables, &mut b.block_tables)?;
+        be.htod(&h.logits_indices, &mut b.logits_indices)?;
+        be.htod(&h.temperatures, &mut b.temperatures)?;
+        be.htod(&h.top_k, &mut b.top_k)?;
+        be.htod(&h.top_p, &mut b.top_p)?;
+        be.htod(&h.seeds, &mut b.seeds)?;
+        be.htod(&h.steps, &mut b.steps)?;
+        Ok(())
+    }
+
+    /// nano-vLLM's `prepare_prefill`: the scheduled tokens of each sequence, their positions
+    /// and slots, cu_seqlens, block tables, and the row of each sequence's last token.
+    /// Returns the batch's shape.
+    fn prepare_prefill(&mut self, seqs: &[&Sequence]) -> Result<BatchShape> {
+        let Limits {
+            block_size,
+            max_blocks_per_seq,
+            ..
+        } = self.limits;
+        let h = &mut self.host;
+        h.clear();
+        h.cu_seqlens_q.push(0);
+        h.cu_seqlens_k.push(0);
+        let mut shape = BatchShape {
+            num_seqs: seqs.len(),
+            ..Default::default()
+        };
+        for seq in seqs {
+            let start = seq.num_cached_tokens;
+            let end = start + seq.num_scheduled_tokens;
+            h.input_ids.extend_from_slice(&seq.token_ids[start..end]);
+            for pos in start..end {
+                h.positions.push(pos as i32);
+                h.slot_mapping
+                    .push(slot(&seq.block_table, pos, block_size)?);
+            }
+            let q_total = h.cu_seqlens_q.last().copied().unwrap_or(0) + (end - start) as i32;
+            let k_total = h.cu_seqlens_k.last().copied().unwrap_or(0) + end as i32;
+            h.cu_seqlens_q.push(q_total);
+            h.cu_seqlens_k.push(k_total);
+            h.logits_indices.push(q_total - 1);
+            shape.max_seqlen_q = shape.max_seqlen_q.max(end - start);
+            shape.max_seqlen_k = shape.max_seqlen_k.max(end);
+            push_block_table(&mut h.block_tables, &seq.block_table, max_blocks_per_seq)?;
+            h.push_sampling(seq);
+        }
+        shape.num_tokens = h.input_ids.len();
+        self.check_fits(&shape)?;
+        self.upload(true)?;
+        Ok(shape)
+    }
+
+    /// nano-vLLM's `prepare_decode`: each sequence's last token, its position and slot, its
+    /// context length and block table; `padded` rows in all (padding rows are harmless:
+    /// slot -1, context 0).
+    fn prepare_decode(&mut self, seqs: &[&Sequence], padded: usize) -> Result<BatchShape> {
+        let Limits {
+            block_size,
+            max_blocks_per_seq,
+            ..
+        } = self.limits;
+        let h = &mut self.host;
+        h.clear();
+        let mut max_context_len = 0;
+        for seq in seqs {
+            let len = seq.token_ids.len();
+            h.input_ids.push(seq.token_ids[len - 1]);
+            h.positions.push(len as i32 - 1);
+            h.slot_mapping
+                .push(slot(&seq.block_table, len - 1, block_size)?);
+            h.context_lens.push(len as i32);
+            push_block_table(&mut h.block_tables, &seq.block_table, max_blocks_per_seq)?;
+            h.push_sampling(seq);
+            max_context_len = max_context_len.max(len);
+        }
+        h.pad_decode(padded, max_blocks_per_seq);
+        let shape = BatchShape {
+            num_tokens: padded,
+            num_seqs: padded,
+            max_seqlen_q: 1,
+            max_seqlen_k: max_context_len,
+        };
+        self.check_fits(&shape)?;
+        self.upload(false)?;
+        Ok(shape)
+    }
+
+    fn check_fits(&self, shape: &BatchShape) -> Result<()> {
+        if shape.num_tokens > self.limits.max_num_tokens
+            || shape.num_seqs > self.limits.max_num_seqs
+            || shape.max_seqlen_k > self.limits.max_model_len
+        {
+            return Err(Error::Other(format!(
+                "batch of {} tokens / {} sequences / context {} exceeds the runner's limits \
+                 {} / {} / {}",
+                shape.num_tokens,
+                shape.num_seqs,
+                shape.max_seqlen_k,
+                self.limits.max_num_tokens,
+                self.limits.max_num_seqs,
+                self.limits.max_model_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues the forward pass, the LM head and the sampler for a batch whose inputs are
+    /// already on the device. The sampled ids land in `bufs.sampled`.
+    fn run_ops(&mut self, is_prefill: bool, shape: BatchShape) -> Result<()> {
+        let ModelRunner {
+            be,
+            model,
+            kv,
+            ws,
+            bufs: b,
+            sampled,
+            limits,
+            vocab_size,
+            ..
+        } = self;
+        let be = &**be;
+        let ctx = Context {
+            is_prefill,
+            num_tokens: shape.num_tokens,
+            num_seqs: shape.num_seqs,
+            positions: &b.positions,
+            slot_mapping: &b.slot_mapping,
+            cu_seqlens_q: &b.cu_seqlens_q,
+            cu_seqlens_k: &b.cu_seqlens_k,
+            max_seqlen_q: shape.max_seqlen_q,
+            max_seqlen_k: shape.max_seqlen_k,
+            context_lens: &b.context_lens,
+            max_context_len: shape.max_seqlen_k,
+            block_tables: &b.block_tables,
+            max_blocks_per_seq: limits.max_blocks_per_seq,
+            logits_indices: &b.logits_indices,
+            num_logits: shape.num_seqs,
+        };
+        model.forward(be, &b.input_ids, &ctx, kv, ws)?;
+        let logits = model.compute_logits(be, &ctx, ws)?;
+        let params = SamplingBufs::<B> {
+            temperatures: &b.temperatures,
+            top_k: &b.top_k,
+            top_p: &b.top_p,
+            seeds: &b.seeds,
+            steps: &b.steps,
+        };
+        be.sample(logits, shape.num_seqs, *vocab_size, &params, sampled)
+    }
+
+    /// One step: prefill chunks or one decode token per sequence; one sampled token per
+    /// sequence comes back.
+    pub fn run_step(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
+        let n = seqs.len();
+        if is_prefill {
+            let shape = self.prepare_prefill(seqs)?;
+            self.run_ops(true, shape)?;
+        } else {
+            let graph = self.graphs.iter().position(|(bs, _)| *bs >= n);
+            match graph {
+                Some(i) => {
+                    let bs = self.graphs[i].0;
+                    self.prepare_decode(seqs, bs)?;
+                    self.graphs[i].1.replay()?;
+                }
+                None => {
+                    let shape = self.prepare_decode(seqs, n)?;
+                    self.run_ops(false, shape)?;
+                }
+            }
+        }
+        self.sampled_host.resize(n, 0);
+        self.be.dtoh(&self.sampled, &mut self.sampled_host)?;
+        Ok(self.sampled_host.clone())
+    }
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// Teacher-forced logits of every position of `tokens` (row `i` predicts token `i + 1`),
+    /// `[tokens.len(), vocab]` as f32: one prefill over blocks `0..` of the cache, outside the
+    /// block manager, so the engine must be idle. For checking the model against a reference;
+    /// `tokens.len()` is bounded by `max_num_seqs` (the rows of the logits buffer).
+    pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let Limits {
+            block_size,
+            max_blocks_per_seq,
+            max_num_seqs,
+            ..
+        } = self.limits;
+        let blocks = n.div_ceil(block_size);
+        if n == 0 || n > max_num_seqs || blocks > self.kv.num_blocks || blocks > max_blocks_per_seq
+        {
+            return Err(Error::InvalidRequest(format!(
+                "score needs 1..={} tokens within the KV cache; got {n}",
+                max_num_seqs.min(self.kv.num_blocks * block_size)
+            )));
+        }
+        let h = &mut self.host;
+        h.clear();
+        h.input_ids.extend_from_slice(tokens);
+        h.positions.extend(0..n as i32);
+        h.slot_mapping.extend(0..n as i32);
+        h.cu_seqlens_q.extend([0, n as i32]);
+        h.cu_seqlens_k.extend([0, n as i32]);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        push_block_table(&mut h.block_tables, &table, max_blocks_per_seq)?;
+        h.logits_indices.extend(0..n as i32);
+        self.upload(true)?;
+        let ModelRunner {
+            be,
+            model,
+            kv,
+            ws,
+            bufs: b,
+            ..
+        } = self;
+        let be = &**be;
+        let ctx = Context {
+            is_prefill: true,
+            num_tokens: n,
+            num_seqs: 1,
+            positions: &b.positions,
+            slot_mapping: &b.slot_mapping,
+            cu_seqlens_q: &b.cu_seqlens_q,
+            cu_seqlens_k: &b.cu_seqlens_k,
+            max_seqlen_q: n,
+            max_seqlen_k: n,
+            context_lens: &b.context_lens,
+            max_context_len: n,
+            block_tables: &b.block_tables,
+            max_blocks_per_seq,
+            logits_indices: &b.logits_indices,
+            num_logits: n,
+        };
+        model.forward(be, &b.input_ids, &ctx, kv, ws)?;
+        let logits = model.compute_logits(be, &ctx, ws)?;
+        let mut out = vec![bf16::ZERO; n * self.vocab_size];
+        be.dtoh(logits, &mut out)?;
+        Ok(out.into_iter().map(f32::from).collect())
+    }
+}
+
+impl<B: Backend> StepRunner for ModelRunner<B> {
+    fn run(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
+        self.run_step(seqs, is_prefill)
+    }
+
+    fn num_kvcache_blocks(&self) -> usize {
+        self.stats.num_kvcache_blocks
+    }
+
+    fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        ModelRunner::score(self, tokens)
+    }
+}
+
+/// The cache slot of token `pos` of a sequence with `block_table`.
+fn slot(block_table: &[u32], pos: usize, block_size: usize) -> Result<i32> {
+    let block = block_table.get(pos / block_size).ok_or_else(|| {
+        Error::Other(format!(
+            "token {pos} has no KV block (block table of {} blocks)",
+            block_table.len()
+        ))
+    })?;
+    Ok((*block as usize * block_size + pos % block_size) as i32)
+}
+
+/// Appends one sequence's block table, padded with -1 to `width` entries.
+fn push_block_table(dst: &mut Vec<i32>, table: &[u32], width: usize) -> Result<()> {
+    if table.len() > width {
+        return Err(Error::Other(format!(
+            "block table of {} blocks exceeds the {width} of max_model_len",
+            table.len()
+        )));
+    }
+    dst.extend(table.iter().map(|&b| b as i32));
+    dst.extend(std::iter::repeat_n(-1, width - table.len()));
+    Ok(())
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}

@@ -1,0 +1,601 @@
+//! The `LLM` API, as nano-vLLM's `LLM(path, **cfg)` and `generate(prompts, sampling_params)`.
+//!
+//! `LLM::new` resolves the model (a folder with config.json and weights, or a built-in name
+//! such as `qwen3-0.6b` for dummy weights), picks the device, builds the
+//! [`ModelRunner`](nanovllm_engine::model_runner::ModelRunner) and the engine loop, and loads
+//! the tokenizer. `generate` runs prompts to completion with a progress bar showing prefill and
+//! decode throughput; `add_request` + `step` is the streaming form.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use nanovllm_engine::llm_engine::{LLMEngine, ModelRunner as StepRunner, StepOutput};
+use nanovllm_engine::model_runner::{LoadFormat, ModelRunner, RunnerStats};
+use nanovllm_engine::sampling_params::SamplingParams;
+use nanovllm_engine::scheduler::SchedulerConfig;
+use nanovllm_engine::sequence::FinishReason;
+use nanovllm_kernels::cpu::CpuBackend;
+use nanovllm_kernels::Backend;
+use nanovllm_models::qwen3::KvCache;
+use nanovllm_utils::{EngineConfig, Error, GenerationConfig, ModelConfig, Result};
+
+use crate::tokenizer::{ChatMessage, IncrementalDecoder, Tokenizer};
+
+/// Which device runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The first CUDA GPU when there is one, else the CPU.
+    #[default]
+    Auto,
+    /// CUDA GPU with this ordinal.
+    Cuda(usize),
+    /// The CPU reference backend.
+    Cpu,
+}
+
+/// How weights are loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightsFormat {
+    /// Safetensors from the model folder; dummy weights for a built-in model name.
+    #[default]
+    Auto,
+    /// Safetensors from the model folder.
+    Safetensors,
+    /// Seeded random weights from config.json alone.
+    Dummy,
+}
+
+/// Options of [`LLM::new`]: the engine's knobs plus device and weight loading.
+#[derive(Clone, Debug, Default)]
+pub struct EngineArgs {
+    /// Scheduler, memory and parallelism knobs (nano-vLLM's `Config`).
+    pub config: EngineConfig,
+    /// Device to run on.
+    pub device: Device,
+    /// Weight loading.
+    pub load_format: WeightsFormat,
+    /// Seed of dummy weights.
+    pub dummy_seed: u64,
+}
+
+/// One prompt: text (tokenized by the model's tokenizer) or token ids.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text to tokenize.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Prompt::Tokens(ids)
+    }
+}
+
+/// The result of one prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestOutput {
+    /// The prompt's token ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated token ids.
+    pub token_ids: Vec<u32>,
+    /// Generated text (empty when the model has no tokenizer).
+    pub text: String,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
+}
+
+/// What start-up did and how long it took.
+#[derive(Clone, Debug)]
+pub struct LoadInfo {
+    /// The device, in words.
+    pub device: String,
+    /// Seconds from `LLM::new` being called to ready.
+    pub startup_seconds: f64,
+    /// The model runner's report (weights, KV cache, graphs).
+    pub runner: RunnerStats,
+}
+
+/// A new token of a running request (the streaming form).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamEvent {
+    /// The request, as `add_request` returned it.
+    pub request_id: u64,
+    /// Newly generated tokens since the last step.
+    pub new_token_ids: Vec<u32>,
+    /// `Some` when the request finished in this step.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// An LLM ready to generate: model, engine loop and tokenizer.
+pub struct LLM {
+    engine: LLMEngine<Box<dyn StepRunner + Send>>,
+    tokenizer: Option<Tokenizer>,
+    model_config: ModelConfig,
+    generation_config: GenerationConfig,
+    memory_info: MemoryInfo,
+    is_cpu: bool,
+    step_stats: StepStats,
+    info: LoadInfo,
+}
+
+/// Where a model comes from.
+struct ModelSource {
+    dir: Option<PathBuf>,
+    config: ModelConfig,
+    generation_config: GenerationConfig,
+    dummy: bool,
+}
+
+fn resolve_model(model: &str, format: WeightsFormat) -> Result<ModelSource> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        let config = ModelConfig::from_model_dir(path)?;
+        let generation_config = GenerationConfig::from_model_dir(path)?;
+        return Ok(ModelSource {
+            dir: Some(path.to_path_buf()),
+            config,
+            generation_config,
+            dummy: format == WeightsFormat::Dummy,
+        });
+    }
+    if path.is_file() && path.file_name().is_some_and(|f| f == "config.json") {
+        let config = ModelConfig::from_file(path)?;
+        return Ok(ModelSource {
+            dir: None,
+            config,
+            generation_config: GenerationConfig::default(),
+            dummy: true,
+        });
+    }
+    match ModelConfig::builtin(&model.to_ascii_lowercase()) {
+        Ok(config) if format != WeightsFormat::Safetensors => Ok(ModelSource {
+            dir: None,
+            config,
+            generation_config: GenerationConfig::default(),
+            dummy: true,
+        }),
+        _ => Err(Error::Config {
+            file: path.to_path_buf(),
+            msg: format!(
+                "no model folder at `{model}`; pass a folder with config.json and *.safetensors, \
+                 or one of the built-in names {:?} for dummy weights",
+                ModelConfig::builtin_names()
+            ),
+        }),
+    }
+}
+
+impl LLM {
+    /// Loads `model` (a folder, a config.json, or a built-in name for dummy weights) and makes
+    /// the engine ready.
+    pub fn new(model: &str, args: EngineArgs) -> Result<Self> {
+        let t0 = Instant::now();
+        let src = resolve_model(model, args.load_format)?;
+        let mut config = args.config.clone();
+        config.validate(&src.config)?;
+        if config.tensor_parallel_size != 1 {
+            return Err(Error::EngineConfig {
+                option: "tensor_parallel_size",
+                msg: "tensor parallelism is not available yet; use --tp 1".into(),
+            });
+        }
+        let load_format = if src.dummy {
+            LoadFormat::Dummy {
+                seed: args.dummy_seed,
+            }
+        } else {
+            LoadFormat::Safetensors
+        };
+        let tokenizer = match &src.dir {
+            Some(dir) if dir.join("tokenizer.json").is_file() => Some(Tokenizer::from_dir(dir)?),
+            Some(_) => None,
+            None => Some(crate::builtin::qwen3_tokenizer()?),
+        };
+        let built = build_runner(&src, &mut config, &load_format, args.device)?;
+        let mut eos = src.config.eos_token_ids.clone();
+        for id in src.generation_config.eos_token_ids.iter().copied().chain(
+            tokenizer
+                .as_ref()
+                .map(|t| t.eos_token_ids().to_vec())
+                .unwrap_or_default(),
+        ) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+        let engine = LLMEngine::new(
+            built.runner,
+            &SchedulerConfig::from(&config),
+            src.config.vocab_size,
+            eos,
+        )?;
+        Ok(LLM {
+            engine,
+            tokenizer,
+            model_config: src.config,
+            generation_config: src.generation_config,
+            memory_info: built.memory_info,
+            is_cpu: built.is_cpu,
+            step_stats: StepStats::default(),
+            info: LoadInfo {
+                device: built.device,
+                startup_seconds: t0.elapsed().as_secs_f64(),
+                runner: built.stats,
+            },
+        })
+    }
+
+    /// What start-up did.
+    pub fn info(&self) -> &LoadInfo {
+        &self.info
+    }
+
+    /// Whether the model runs on the CPU backend.
+    pub fn is_cpu(&self) -> bool {
+        self.is_cpu
+    }
+
+    /// The model's configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    /// The tokenizer, when the model folder has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Device memory in use now, in bytes.
+    pub fn memory_used_bytes(&self) -> Result<usize> {
+        let (free, total) = (self.memory_info)()?;
+        Ok(total.saturating_sub(free))
+    }
+
+    /// Time spent in prefill and decode steps since the last [`reset_step_stats`](Self::reset_step_stats).
+    pub fn step_stats(&self) -> StepStats {
+        self.step_stats
+    }
+
+    /// Zeroes the step statistics.
+    pub fn reset_step_stats(&mut self) {
+        self.step_stats = StepStats::default();
+    }
+
+    /// Sampling defaults from the model's generation_config.json (temperature, top_k, top_p),
+    /// else [`SamplingParams::default`].
+    pub fn default_sampling_params(&self) -> SamplingParams {
+        let g = &self.generation_config;
+        let mut p = SamplingParams::default();
+        if let Some(t) = g.temperature {
+            p.temperature = t;
+        }
+        if let Some(k) = g.top_k {
+            p.top_k = k;
+        }
+        if let Some(t) = g.top_p {
+            p.top_p = t;
+        }
+        p
+    }
+
+    fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer(
+                "the model folder has no tokenizer.json; pass prompts as token ids".into(),
+            )
+        })
+    }
+
+    /// Renders `messages` with the model's chat template, ending with the assistant's turn.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        enable_thinking: bool,
+    ) -> Result<String> {
+        self.require_tokenizer()?
+            .apply_chat_template(messages, true, enable_thinking)
+    }
+
+    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Tokens(ids) => Ok(ids.clone()),
+            Prompt::Text(text) => self.require_tokenizer()?.encode(text, false),
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        match &self.tokenizer {
+            Some(t) => t.decode(ids, true),
+            None => Ok(String::new()),
+        }
+    }
+
+    /// Runs `prompts` to completion and returns their outputs in prompt order. `params` holds
+    /// one `SamplingParams` for all prompts or one per prompt. `progress` shows a progress bar
+    /// with prefill and decode throughput.
+    pub fn generate(
+        &mut self,
+        prompts: &[Prompt],
+        params: &[SamplingParams],
+        progress: bool,
+    ) -> Result<Vec<RequestOutput>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.prompt_ids(p))
+            .collect::<Result<Vec<_>>>()?;
+        let bar = progress.then(|| {
+            let bar = ProgressBar::new(prompts.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "Generating {percent:>3}% |{bar:30}| {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        let mut stats = self.step_stats;
+        let mut last = Instant::now();
+        let (mut prefill_tps, mut decode_tps) = (0.0, 0.0);
+        let outputs = self.engine.generate_with(ids, params, |step| {
+            let dt = last.elapsed().as_secs_f64();
+            last = Instant::now();
+            stats.record(step, dt);
+            if let Some(bar) = &bar {
+                let tps = step.num_tokens as f64 / dt.max(1e-9);
+                if step.is_prefill {
+                    prefill_tps = tps;
+                } else {
+                    decode_tps = tps;
+                }
+                bar.set_message(format!(
+                    "Prefill={prefill_tps:.0}tok/s, Decode={decode_tps:.0}tok/s"
+                ));
+                bar.inc(step.finished.len() as u64);
+            }
+        });
+        self.step_stats = stats;
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        outputs?
+            .into_iter()
+            .map(|o| {
+                Ok(RequestOutput {
+                    text: self.decode(&o.token_ids)?,
+                    prompt_token_ids: o.prompt_token_ids,
+                    token_ids: o.token_ids,
+                    finish_reason: o.finish_reason,
+                })
+            })
+            .collect()
+    }
+
+    /// Queues one request (the streaming form); its tokens come out of [`step`](Self::step).
+    pub fn add_request(&mut self, prompt: &Prompt, params: SamplingParams) -> Result<u64> {
+        let ids = self.prompt_ids(prompt)?;
+        self.engine.add_request(ids, params)
+    }
+
+    /// Runs one engine step and reports each request's new tokens.
+    pub fn step(&mut self) -> Result<Vec<StreamEvent>> {
+        let t = Instant::now();
+        let out = self.engine.step()?;
+        self.step_stats.record(&out, t.elapsed().as_secs_f64());
+        let mut events: Vec<StreamEvent> = Vec::new();
+        let mut index: HashMap<u64, usize> = HashMap::new();
+        for &(id, token) in &out.new_tokens {
+            let i = *index.entry(id).or_insert_with(|| {
+                events.push(StreamEvent {
+                    request_id: id,
+                    new_token_ids: Vec::new(),
+                    finish_reason: None,
+                });
+                events.len() - 1
+            });
+            events[i].new_token_ids.push(token);
+        }
+        for f in &out.finished {
+            match index.get(&f.seq_id) {
+                Some(&i) => events[i].finish_reason = Some(f.finish_reason),
+                None => events.push(StreamEvent {
+                    request_id: f.seq_id,
+                    new_token_ids: Vec::new(),
+                    finish_reason: Some(f.finish_reason),
+                }),
+            }
+        }
+        Ok(events)
+    }
+
+    /// Teacher-forced logits of every position of `tokens` (`[len, vocab]`, row `i`
+    /// predicting token `i + 1`), for checking the model against a reference. Needs an idle
+    /// engine.
+    pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if !self.engine.is_finished() {
+            return Err(Error::InvalidRequest("score needs an idle engine".into()));
+        }
+        self.engine.runner_mut().score(tokens)
+    }
+
+    /// Whether no request is waiting or running.
+    pub fn is_finished(&self) -> bool {
+        self.engine.is_finished()
+    }
+
+    /// Drops a request and frees its KV blocks; false when it is unknown or already finished.
+    pub fn abort(&mut self, request_id: u64) -> bool {
+        self.engine.abort(request_id)
+    }
+
+    /// Generates for one prompt, calling `on_text` with each newly completed piece of text
+    /// (never half a character), and returns the whole text.
+    pub fn stream_text(
+        &mut self,
+        prompt: Prompt,
+        params: SamplingParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<String> {
+        self.require_tokenizer()?;
+        let id = self.add_request(&prompt, params)?;
+        let mut tokens = Vec::new();
+        let mut finished = false;
+        let tokenizer = self
+            .tokenizer
+            .take()
+            .ok_or_else(|| Error::Tokenizer("no tokenizer".into()))?;
+        let result = (|| {
+            let mut decoder = IncrementalDecoder::new(&tokenizer, true);
+            let mut text = String::new();
+            while !finished {
+                for ev in self.step()? {
+                    if ev.request_id != id {
+                        continue;
+                    }
+                    for &t in &ev.new_token_ids {
+                        tokens.push(t);
+                        if let Some(piece) = decoder.push(t)? {
+                            on_text(&piece);
+                            text.push_str(&piece);
+                        }
+                    }
+                    finished |= ev.finish_reason.is_some();
+                }
+            }
+            let rest = decoder.finish()?;
+            on_text(&rest);
+            text.push_str(&rest);
+            Ok(text)
+        })();
+        self.tokenizer = Some(tokenizer);
+        if result.is_err() {
+            self.abort(id);
+        }
+        result
+    }
+}
+
+/// Time spent in prefill and decode steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepStats {
+    /// Seconds in prefill steps.
+    pub prefill_seconds: f64,
+    /// Prompt tokens computed.
+    pub prefill_tokens: usize,
+    /// Seconds in decode steps.
+    pub decode_seconds: f64,
+    /// Decode steps.
+    pub decode_steps: usize,
+    /// Tokens decoded.
+    pub decode_tokens: usize,
+}
+
+impl StepStats {
+    fn record(&mut self, step: &StepOutput, seconds: f64) {
+        if step.num_tokens == 0 {
+            return;
+        }
+        if step.is_prefill {
+            self.prefill_seconds += seconds;
+            self.prefill_tokens += step.num_tokens;
+        } else {
+            self.decode_seconds += seconds;
+            self.decode_steps += 1;
+            self.decode_tokens += step.num_tokens;
+        }
+    }
+}
+
+type MemoryInfo = Box<dyn Fn() -> Result<(usize, usize)> + Send + Sync>;
+
+/// A model runner ready to use, with what the facade needs to know of it.
+struct BuiltRunner {
+    runner: Box<dyn StepRunner + Send>,
+    device: String,
+    stats: RunnerStats,
+    memory_info: MemoryInfo,
+    is_cpu: bool,
+}
+
+/// KV-cache budget of the CPU backend when `num_kvcache_blocks` is not given: host memory is
+/// shared with everything else, so the engine takes a fixed 2 GiB rather than a fraction.
+const CPU_KV_CACHE_BYTES: usize = 2 << 30;
+
+fn runner_on<B: Backend>(
+    be: Arc<B>,
+    src: &ModelSource,
+    config: &EngineConfig,
+    load_format: &LoadFormat,
+    is_cpu: bool,
+) -> Result<BuiltRunner> {
+    let runner = ModelRunner::new(
+        be.clone(),
+        &src.config,
+        config,
+        src.dir.as_deref(),
+        load_format,
+    )?;
+    let stats = runner.stats().clone();
+    let device = be.name();
+    Ok(BuiltRunner {
+        runner: Box::new(runner),
+        device,
+        stats,
+        memory_info: Box::new(move || be.memory_info()),
+        is_cpu,
+    })
+}
+
+fn build_runner(
+    src: &ModelSource,
+    config: &mut EngineConfig,
+    load_format: &LoadFormat,
+    device: Device,
+) -> Result<BuiltRunner> {
+    let ordinal = match device {
+        Device::Cpu => None,
+        Device::Cuda(i) => Some(i),
+        Device::Auto => cfg!(feature = "cuda").then_some(0),
+    };
+    #[cfg(feature = "cuda")]
+    if let Some(ordinal) = ordinal {
+        match nanovllm_kernels::cuda::CudaBackend::new(ordinal) {
+            Ok(be) => return runner_on(Arc::new(be), src, config, load_format, false),
+            Err(e) if device == Device::Auto => {
+                eprintln!("nanovllm: no usable GPU ({e}); running on the CPU backend");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if let (Some(_), Device::Cuda(_)) = (ordinal, device) {
+        return Err(Error::Cuda(
+            "this build has no CUDA support (built without the `cuda` feature); use --device cpu"
+                .into(),
+        ));
+    }
+    let _ = ordinal;
+    if config.num_kvcache_blocks.is_none() {
+        let block_bytes =
+            KvCache::<CpuBackend>::bytes_per_block(&src.config, 1, config.kvcache_block_size);
+        let min_blocks = config.max_model_len.div_ceil(config.kvcache_block_size);
+        config.num_kvcache_blocks = Some((CPU_KV_CACHE_BYTES / block_bytes).max(min_blocks));
+    }
+    runner_on(Arc::new(CpuBackend::new()), src, config, load_format, true)
+}
