@@ -1,0 +1,441 @@
+//! Launchers of the memory-bound kernels (`cuda/norm.cu`, `rope.cu`, `kvcache.cu`,
+//! `activation.cu`, `embedding.cu`) and of the sampler (`cuda/sampling.cu`), called by
+//! [`CudaBackend`]'s `Backend` methods.
+//!
+//! Each launcher checks every buffer's length against the dimensions it was given (an
+//! [`Error::Shape`] names the op and the buffer), turns the dimensions into the kernel's
+//! integer types, picks the grid, and queues the kernel on the backend's stream. The
+//! comments at the top of each `.cu` file explain the thread layout chosen here.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+use nanovllm_utils::{Error, Result};
+
+use super::{check_len, driver_err, CudaBackend, CudaBuf};
+use crate::backend::{AttnParams, SamplingBufs};
+
+/// `a * b` elements, or an error naming the op and tensor when it overflows.
+pub(super) fn numel(op: &'static str, tensor: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| {
+        Error::Other(format!(
+            "op {op}: tensor `{tensor}` of {a} x {b} elements is larger than memory"
+        ))
+    })
+}
+
+/// A dimension as the kernels' `int`.
+fn int(op: &'static str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Other(format!(
+            "op {op}: {what} = {v} exceeds what the CUDA kernels index (2^31 - 1)"
+        ))
+    })
+}
+
+/// A grid dimension.
+fn grid(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v)
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| Error::Other(format!("op {op}: {what} = {v} is too many CUDA blocks")))
+}
+
+fn cfg(grid: u32, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launch_err(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| driver_err(&format!("{op}: kernel launch"), e)
+}
+
+/// Threads per row of the RMSNorm kernels: enough for VPT = 4 vectors of 8 elements each
+/// (`VPT` in norm.cu), a whole number of warps; 256 on the scalar path.
+fn norm_threads(hidden: usize) -> u32 {
+    const VPT: usize = 4;
+    if hidden.is_multiple_of(8) && hidden / 8 <= VPT * 1024 {
+        (hidden / 8).div_ceil(VPT).div_ceil(32).clamp(1, 32) as u32 * 32
+    } else {
+        256
+    }
+}
+
+/// 16-byte vectors of a row copy kernel: enough warps for a row of `width` bf16, at most 128.
+fn row_threads(width: usize) -> u32 {
+    let vecs = if width.is_multiple_of(8) {
+        width / 8
+    } else {
+        width
+    };
+    (vecs.div_ceil(32).clamp(1, 4) * 32) as u32
+}
+
+/// Checks the head layout of an op on `qkv` rows.
+fn check_heads(op: &'static str, attn: &AttnParams) -> Result<()> {
+    if attn.num_heads == 0 || attn.num_kv_heads == 0 || attn.head_dim == 0 {
+        return Err(Error::Other(format!(
+            "op {op}: num_heads ({}), num_kv_heads ({}) and head_dim ({}) must all be positive",
+            attn.num_heads, attn.num_kv_heads, attn.head_dim
+        )));
+    }
+    if !attn.num_heads.is_multiple_of(attn.num_kv_heads) {
+        return Err(Error::Other(format!(
+            "op {op}: num_heads ({}) is not a multiple of num_kv_heads ({})",
+            attn.num_heads, attn.num_kv_heads
+        )));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn embedding(
+    be: &CudaBackend,
+    ids: &CudaBuf<u32>,
+    n: usize,
+    weight: &CudaBuf<bf16>,
+    vocab_start: usize,
+    vocab_rows: usize,
+    hidden: usize,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "embedding";
+    check_len(OP, "ids", ids, n)?;
+    check_len(
+        OP,
+        "weight",
+        weight,
+        numel(OP, "weight", vocab_rows, hidden)?,
+    )?;
+    check_len(OP, "out", out, numel(OP, "out", n, hidden)?)?;
+    if n == 0 || hidden == 0 {
+        return Ok(());
+    }
+    let start = u32::try_from(vocab_start)
+        .map_err(|_| Error::Other(format!("op {OP}: vocab_start {vocab_start} exceeds u32")))?;
+    let rows = u32::try_from(vocab_rows)
+        .map_err(|_| Error::Other(format!("op {OP}: vocab_rows {vocab_rows} exceeds u32")))?;
+    let h = int(OP, "hidden", hidden)?;
+    let mut b = be.stream().launch_builder(&be.kernels.embedding);
+    b.arg(ids.raw())
+        .arg(weight.raw())
+        .arg(&start)
+        .arg(&rows)
+        .arg(&h)
+        .arg(out.raw_mut());
+    // SAFETY: arguments match `embedding` in embedding.cu; block i reads ids[i] (n checked),
+    // a weight row only when the id lies in [vocab_start, vocab_start + vocab_rows) (the
+    // weight holds vocab_rows rows), and writes row i of out (n rows checked).
+    unsafe { b.launch(cfg(grid(OP, "n", n)?, row_threads(hidden))) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+pub(super) fn rms_norm(
+    be: &CudaBackend,
+    x: &CudaBuf<bf16>,
+    weight: &CudaBuf<bf16>,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "rms_norm";
+    let len = numel(OP, "x", n, hidden)?;
+    check_len(OP, "x", x, len)?;
+    check_len(OP, "weight", weight, hidden)?;
+    check_len(OP, "out", out, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let h = int(OP, "hidden", hidden)?;
+    let mut b = be.stream().launch_builder(&be.kernels.rms_norm);
+    b.arg(x.raw())
+        .arg(weight.raw())
+        .arg(out.raw_mut())
+        .arg(&h)
+        .arg(&eps);
+    // SAFETY: arguments match `rms_norm` in norm.cu; block i reads and writes row i of
+    // x and out (n rows of hidden checked) and the hidden weights.
+    unsafe { b.launch(cfg(grid(OP, "n", n)?, norm_threads(hidden))) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+pub(super) fn add_rms_norm(
+    be: &CudaBackend,
+    x: &mut CudaBuf<bf16>,
+    residual: &mut CudaBuf<bf16>,
+    weight: &CudaBuf<bf16>,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "add_rms_norm";
+    let len = numel(OP, "x", n, hidden)?;
+    check_len(OP, "x", x, len)?;
+    check_len(OP, "residual", residual, len)?;
+    check_len(OP, "weight", weight, hidden)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let h = int(OP, "hidden", hidden)?;
+    let mut b = be.stream().launch_builder(&be.kernels.add_rms_norm);
+    b.arg(x.raw_mut())
+        .arg(residual.raw_mut())
+        .arg(weight.raw())
+        .arg(&h)
+        .arg(&eps);
+    // SAFETY: arguments match `add_rms_norm` in norm.cu; block i reads and writes row i of
+    // x and residual (n rows of hidden checked; distinct buffers, as &mut guarantees).
+    unsafe { b.launch(cfg(grid(OP, "n", n)?, norm_threads(hidden))) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn qk_norm_rope(
+    be: &CudaBackend,
+    qkv: &mut CudaBuf<bf16>,
+    n: usize,
+    attn: &AttnParams,
+    q_norm: &CudaBuf<bf16>,
+    k_norm: &CudaBuf<bf16>,
+    eps: f32,
+    positions: &CudaBuf<i32>,
+    cos_sin: &CudaBuf<f32>,
+) -> Result<()> {
+    const OP: &str = "qk_norm_rope";
+    check_heads(OP, attn)?;
+    let d = attn.head_dim;
+    // One head per d/8 lanes of a warp, the rotation partner in lane ^ (d/16).
+    if !d.is_multiple_of(16) || !(d / 8).is_power_of_two() || d / 8 > 32 {
+        return Err(Error::Other(format!(
+            "op {OP}: head_dim {d} is not supported by the CUDA kernel (16, 32, 64, 128 or 256)"
+        )));
+    }
+    let width = attn.qkv_width();
+    check_len(OP, "qkv", qkv, numel(OP, "qkv", n, width)?)?;
+    check_len(OP, "q_norm", q_norm, d)?;
+    check_len(OP, "k_norm", k_norm, d)?;
+    check_len(OP, "positions", positions, n)?;
+    check_len(OP, "cos_sin", cos_sin, d)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let max_position = cos_sin.len() / d;
+    let tasks = numel(OP, "heads", n, attn.num_heads + attn.num_kv_heads)?;
+    let heads_per_warp = 32 / (d / 8);
+    let threads = 256usize;
+    let blocks = tasks.div_ceil(heads_per_warp).div_ceil(threads / 32);
+    let (n_i, w_i) = (int(OP, "n", n)?, int(OP, "qkv width", width)?);
+    let (nh, nkv, d_i) = (
+        int(OP, "num_heads", attn.num_heads)?,
+        int(OP, "num_kv_heads", attn.num_kv_heads)?,
+        int(OP, "head_dim", d)?,
+    );
+    let maxp = int(OP, "cos_sin rows", max_position)?;
+    let mut b = be.stream().launch_builder(&be.kernels.qk_norm_rope);
+    b.arg(qkv.raw_mut())
+        .arg(&n_i)
+        .arg(&w_i)
+        .arg(&nh)
+        .arg(&nkv)
+        .arg(&d_i)
+        .arg(q_norm.raw())
+        .arg(k_norm.raw())
+        .arg(&eps)
+        .arg(positions.raw())
+        .arg(cos_sin.raw())
+        .arg(&maxp);
+    // SAFETY: arguments match `qk_norm_rope` in rope.cu; tasks beyond n * (num_heads +
+    // num_kv_heads) touch no memory; each task reads and writes one q or k head of a row of
+    // qkv (n rows checked), d weights, positions[token] (n checked) and one cos/sin row,
+    // clamped to the max_position rows cos_sin holds.
+    unsafe { b.launch(cfg(grid(OP, "blocks", blocks)?, threads as u32)) }
+        .map_err(launch_err(OP))?;
+    Ok(())
+}
+
+pub(super) fn store_kvcache(
+    be: &CudaBackend,
+    qkv: &CudaBuf<bf16>,
+    n: usize,
+    attn: &AttnParams,
+    slot_mapping: &CudaBuf<i32>,
+    k_cache: &mut CudaBuf<bf16>,
+    v_cache: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "store_kvcache";
+    check_heads(OP, attn)?;
+    let width = attn.qkv_width();
+    let kv_width = numel(OP, "k", attn.num_kv_heads, attn.head_dim)?;
+    check_len(OP, "qkv", qkv, numel(OP, "qkv", n, width)?)?;
+    check_len(OP, "slot_mapping", slot_mapping, n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let num_slots = (k_cache.len().min(v_cache.len()) / kv_width) as i64;
+    let (w_i, koff, kvw) = (
+        int(OP, "qkv width", width)?,
+        int(OP, "k offset", attn.num_heads * attn.head_dim)?,
+        int(OP, "kv width", kv_width)?,
+    );
+    let mut b = be.stream().launch_builder(&be.kernels.store_kvcache);
+    b.arg(qkv.raw())
+        .arg(&w_i)
+        .arg(&koff)
+        .arg(&kvw)
+        .arg(slot_mapping.raw())
+        .arg(k_cache.raw_mut())
+        .arg(v_cache.raw_mut())
+        .arg(&num_slots);
+    // SAFETY: arguments match `store_kvcache` in kvcache.cu; block i reads slot_mapping[i]
+    // and row i of qkv (n checked) and writes one slot row of each cache only when the slot
+    // lies in [0, num_slots), the rows both caches hold.
+    unsafe { b.launch(cfg(grid(OP, "n", n)?, 128)) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+pub(super) fn silu_and_mul(
+    be: &CudaBackend,
+    gate_up: &CudaBuf<bf16>,
+    n: usize,
+    inter: usize,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "silu_and_mul";
+    let len = numel(OP, "out", n, inter)?;
+    check_len(OP, "gate_up", gate_up, numel(OP, "gate_up", len, 2)?)?;
+    check_len(OP, "out", out, len)?;
+    if len == 0 {
+        return Ok(());
+    }
+    let (threads, per_row) = if inter.is_multiple_of(8) {
+        (128u32, (inter / 8).div_ceil(128))
+    } else {
+        (256u32, inter.div_ceil(256).min(1024))
+    };
+    let (n_i, inter_i) = (int(OP, "n", n)?, int(OP, "inter", inter)?);
+    let mut b = be.stream().launch_builder(&be.kernels.silu_and_mul);
+    b.arg(gate_up.raw())
+        .arg(out.raw_mut())
+        .arg(&n_i)
+        .arg(&inter_i);
+    let config = LaunchConfig {
+        grid_dim: (
+            grid(OP, "blocks per row", per_row)?,
+            n.min(65_535) as u32,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match `silu_and_mul` in activation.cu; rows < n of gate_up (2 * inter
+    // each) and out (inter each) are touched, both checked.
+    unsafe { b.launch(config) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+pub(super) fn gather_rows(
+    be: &CudaBackend,
+    x: &CudaBuf<bf16>,
+    indices: &CudaBuf<i32>,
+    n: usize,
+    width: usize,
+    out: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "gather_rows";
+    check_len(OP, "indices", indices, n)?;
+    check_len(OP, "out", out, numel(OP, "out", n, width)?)?;
+    if n == 0 || width == 0 {
+        return Ok(());
+    }
+    let x_rows = (x.len() / width) as i64;
+    let w_i = int(OP, "width", width)?;
+    let mut b = be.stream().launch_builder(&be.kernels.gather_rows);
+    b.arg(x.raw())
+        .arg(&x_rows)
+        .arg(indices.raw())
+        .arg(&w_i)
+        .arg(out.raw_mut());
+    // SAFETY: arguments match `gather_rows` in embedding.cu; block i reads indices[i] (n
+    // checked), row indices[i] of x only when it lies in [0, x_rows) (the rows x holds), and
+    // writes row i of out (n rows checked).
+    unsafe { b.launch(cfg(grid(OP, "n", n)?, row_threads(width))) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+/// Threads of a sampler block (`THREADS` in sampling.cu).
+const SAMPLE_THREADS: u32 = 512;
+
+pub(super) fn sample(
+    be: &CudaBackend,
+    logits: &CudaBuf<bf16>,
+    rows: usize,
+    vocab: usize,
+    params: &SamplingBufs<'_, CudaBackend>,
+    out: &mut CudaBuf<u32>,
+) -> Result<()> {
+    const OP: &str = "sample";
+    check_len(OP, "logits", logits, numel(OP, "logits", rows, vocab)?)?;
+    check_len(OP, "temperatures", params.temperatures, rows)?;
+    check_len(OP, "top_k", params.top_k, rows)?;
+    check_len(OP, "top_p", params.top_p, rows)?;
+    check_len(OP, "seeds", params.seeds, rows)?;
+    check_len(OP, "steps", params.steps, rows)?;
+    check_len(OP, "out", out, rows)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    if vocab == 0 {
+        return Err(Error::Other(format!("op {OP}: vocab must be positive")));
+    }
+    let vocab_i = int(OP, "vocab", vocab)?;
+    // Few rows leave most SMs idle: split each row over several blocks (about two blocks per
+    // SM in all), each still scanning at least one vector per thread.
+    let per_block_min = SAMPLE_THREADS as usize * 8;
+    let splits = if rows >= be.num_sms() {
+        1
+    } else {
+        (2 * be.num_sms())
+            .div_ceil(rows)
+            .min((vocab / per_block_min).max(1))
+    };
+    let blocks = numel(OP, "blocks", rows, splits)?;
+    let splits_i = int(OP, "splits", splits)?;
+    let mut parts = be.sample_parts(blocks)?;
+    let parts = &mut *parts;
+    let mut b = be.stream().launch_builder(&be.kernels.sample);
+    b.arg(logits.raw())
+        .arg(&vocab_i)
+        .arg(params.temperatures.raw())
+        .arg(params.top_k.raw())
+        .arg(params.top_p.raw())
+        .arg(params.seeds.raw())
+        .arg(params.steps.raw())
+        .arg(&splits_i)
+        .arg(out.raw_mut())
+        .arg(&mut parts.key)
+        .arg(&mut parts.idx);
+    // SAFETY: arguments match `sample` in sampling.cu; block j works row j / splits, reading
+    // that row of logits and of each parameter buffer (rows checked), and writes out[row]
+    // (rows checked) or, with several splits, partial j (the partial buffers hold at least
+    // rows * splits entries).
+    unsafe { b.launch(cfg(grid(OP, "blocks", blocks)?, SAMPLE_THREADS)) }
+        .map_err(launch_err(OP))?;
+    if splits > 1 {
+        let rows_i = int(OP, "rows", rows)?;
+        let mut r = be.stream().launch_builder(&be.kernels.sample_reduce);
+        r.arg(&parts.key)
+            .arg(&parts.idx)
+            .arg(&rows_i)
+            .arg(&splits_i)
+            .arg(out.raw_mut());
+        // SAFETY: arguments match `sample_reduce`; thread r < rows reads partials
+        // [r * splits, (r + 1) * splits), written by the launch above (same stream), and
+        // writes out[r].
+        unsafe { r.launch(cfg(grid(OP, "rows", rows.div_ceil(128))?, 128)) }
+            .map_err(launch_err(OP))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Regenerates the PTX shipped in nanovllm-kernels/ptx/ from nanovllm-kernels/cuda/*.cu with
+# nvcc 13.0 (PTX ISA 9.0, which driver 580 / CUDA 13.0 loads; newer nvcc emits newer PTX).
+# Machines without nvcc build from the shipped PTX (see nanovllm-kernels/build.rs); commit the
+# result after changing a .cu file. CI (scripts/check-ptx.sh) fails when it is stale.
+#
+# Usage: scripts/build-ptx.sh [OUT_DIR]     (default nanovllm-kernels/ptx)
+# nvcc: $NVCC if set, else .venv-nvcc (created with pip when missing).
+# Flags: -ptx -arch=sm_90 -O3 -std=c++17 plus each file's `// nvcc-flags:` line, exactly what
+# build.rs passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+out="${1:-nanovllm-kernels/ptx}"
+nvcc="${NVCC:-}"
+if [ -z "$nvcc" ]; then
+    nvcc=$(ls .venv-nvcc/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n 1 || true)
+fi
+if [ -z "$nvcc" ]; then
+    echo "installing nvcc 13.0 into .venv-nvcc (pip)" >&2
+    python3 -m venv .venv-nvcc
+    .venv-nvcc/bin/pip install -q 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-crt==13.0.*' \
+        'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-cccl==13.0.*'
+    nvcc=$(ls .venv-nvcc/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -n 1)
+fi
+if ! "$nvcc" --version | grep -q 'release 13\.0'; then
+    echo "build-ptx: $nvcc is not nvcc 13.0:" >&2
+    "$nvcc" --version >&2
+    exit 1
+fi
+
+mkdir -p "$out"
+for src in nanovllm-kernels/cuda/*.cu; do
+    stem=$(basename "$src" .cu)
+    flags=$(sed -n 's#^// nvcc-flags:##p' "$src" | head -n 1)
+    # shellcheck disable=SC2086 # the flags are a word list
+    "$nvcc" -ptx -arch=sm_90 -O3 -std=c++17 $flags -I nanovllm-kernels/cuda "$src" -o "$out/$stem.ptx"
+    echo "$src -> $out/$stem.ptx" >&2
+done
+if [ "$#" -eq 0 ]; then
+    # Drop shipped PTX whose source is gone.
+    for ptx in nanovllm-kernels/ptx/*.ptx; do
+        [ -e "nanovllm-kernels/cuda/$(basename "$ptx" .ptx).cu" ] || rm -v "$ptx"
+    done
+fi

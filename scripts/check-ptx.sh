@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# CI check: every nanovllm-kernels/cuda/*.cu compiles with nvcc 13.0, and the PTX shipped in
+# nanovllm-kernels/ptx/ is exactly what it compiles to (comment lines, which name the compiler
+# build, are ignored). Fix a failure with scripts/build-ptx.sh and commit the PTX.
+#
+# nvcc 13.0: $NVCC, else .venv-nvcc, else a throwaway venv (pip) removed at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+is_13_0() { [ -n "$1" ] && [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q 'release 13\.0'; }
+nvcc="${NVCC:-}"
+is_13_0 "$nvcc" || nvcc=$(ls .venv-nvcc/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n 1 || true)
+if ! is_13_0 "$nvcc"; then
+    echo "check-ptx: installing nvcc 13.0 into a throwaway venv" >&2
+    python3 -m venv "$tmp/venv"
+    "$tmp/venv/bin/pip" install -q 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-crt==13.0.*' \
+        'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-cccl==13.0.*'
+    nvcc=$(ls "$tmp"/venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -n 1)
+fi
+
+NVCC="$nvcc" scripts/build-ptx.sh "$tmp/ptx" 2>/dev/null
+
+strip_comments() { grep -v '^[[:space:]]*//' "$1" || true; }
+status=0
+for src in nanovllm-kernels/cuda/*.cu; do
+    stem=$(basename "$src" .cu)
+    shipped="nanovllm-kernels/ptx/$stem.ptx"
+    if [ ! -f "$shipped" ]; then
+        echo "check-ptx: $shipped is missing (run scripts/build-ptx.sh)" >&2
+        status=1
+    elif ! diff -q <(strip_comments "$shipped") <(strip_comments "$tmp/ptx/$stem.ptx") >/dev/null; then
+        echo "check-ptx: $shipped is stale: it differs from what nvcc 13.0 makes of $src (run scripts/build-ptx.sh)" >&2
+        status=1
+    fi
+done
+for ptx in nanovllm-kernels/ptx/*.ptx; do
+    [ -e "$ptx" ] || continue
+    if [ ! -e "nanovllm-kernels/cuda/$(basename "$ptx" .ptx).cu" ]; then
+        echo "check-ptx: $ptx has no source in nanovllm-kernels/cuda/" >&2
+        status=1
+    fi
+done
+[ "$status" -eq 0 ] && echo "check-ptx: shipped PTX matches the sources"
+exit "$status"
