@@ -329,11 +329,12 @@ extern "C" __global__ void attn_decode_reduce(
 // ---------------------------------------------------------------------------------------------
 // Prefill: varlen causal flash attention, K/V read from the paged cache.
 //
-// Grid (num_heads, num_seqs, num_q_tiles), 128 threads (4 warps), one CTA per 64-query tile of
-// one head of one sequence; z runs the tiles last-first, so the CTAs with the most keys start
-// first and the short ones fill the tail. Each warp owns 16 query rows. Q (64 x HD) is loaded to
-// shared memory once and held in registers as mma A fragments; K and V tiles of 64 keys stream
-// through a two-stage cp.async ring (the next tile loads while this one is computed). S = Q K^T
+// Grid (num_heads, num_seqs, num_q_tiles), one CTA per PF_BM-query tile of one head of one
+// sequence, one warp per 16 query rows; z runs the tiles last-first, so the CTAs with the most
+// keys start first and the short ones fill the tail. Q (64 x HD) passes
+// through shared memory once and is held in registers as mma A fragments; K and V tiles of 64
+// keys stream through a two-stage cp.async ring (the next tile loads while this one is
+// computed; its block ids were fetched a tile earlier). S = Q K^T
 // and O += P V run on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate) with operands
 // from ldmatrix (V through .trans). Shared-memory rows are XOR-swizzled in 16-byte units
 // (chunk ^ (row & 7)) so that the eight rows one ldmatrix phase reads hit distinct banks.
@@ -341,9 +342,18 @@ extern "C" __global__ void attn_decode_reduce(
 // cross the diagonal or the end of the keys are masked.
 // ---------------------------------------------------------------------------------------------
 
+// Tile sizes and the occupancy hint are macros so that variants can be built for timing
+// (`nvcc -DPF_BN=32 ...`); the launcher in src/cuda/attention.rs assumes these defaults.
+#ifndef PF_BM
 #define PF_BM 64
+#endif
+#ifndef PF_BN
 #define PF_BN 64
-#define PF_THREADS 128
+#endif
+#ifndef PF_MIN_BLOCKS
+#define PF_MIN_BLOCKS 1
+#endif
+#define PF_THREADS (PF_BM / 16 * 32)  // one warp per 16 query rows
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
@@ -356,17 +366,16 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* smem) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+// ldmatrix from a shared-memory address (a u32 from __cvta_generic_to_shared).
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, uint32_t addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
+                 : "r"(addr));
 }
 
 // d += a * b for one m16n8k16 tile (bf16 operands, f32 accumulators).
@@ -378,7 +387,18 @@ __device__ __forceinline__ void mma_bf16(float* d, const uint32_t* a, uint32_t b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Offset (in elements) of 16-byte chunk `c` of row `r` in a swizzled [rows, HD] tile.
+// 2^x in one MUFU op (x = -inf gives 0); exp2f would add range fix-ups around it.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Swizzled tiles: row r of a [rows, HD] bf16 tile starts at byte r * HD * 2, and its 16-byte
+// chunk c sits at chunk position c ^ (r & 7). For an ldmatrix lane whose row has r & 7 == lr
+// and whose chunk is 2 * k + b (b in {0, 1}), the byte offset in the row is
+// ((2k + b) ^ lr) * 16 = (k * 32) ^ ((b ^ lr) * 16): a per-lane constant XOR a compile-time
+// one, so each ldmatrix address is one LOP3 plus an immediate row offset.
 template <int HD>
 __device__ __forceinline__ int swz(int r, int c) {
     return r * HD + ((c ^ (r & 7)) << 3);
@@ -393,17 +413,26 @@ __device__ __forceinline__ void prefill_body(
     int num_blocks, int max_seqlen_k, int log2_bs, float scale_log2,
     __nv_bfloat16* __restrict__ out)
 {
-    constexpr int CH = HD / 8;                    // 16-byte chunks per row
+    constexpr int CH = HD / 8;                     // 16-byte chunks per row
     constexpr int ROWS_PER_PASS = PF_THREADS / CH; // rows one cp.async pass covers
-    constexpr int PASSES = PF_BN / ROWS_PER_PASS;
-    constexpr int NT = PF_BN / 8;                 // n-tiles of S
-    constexpr int OT = HD / 8;                    // n-tiles of O
-    constexpr int KS = HD / 16;                   // k-steps of Q K^T
+    constexpr int PASSES = PF_BN / ROWS_PER_PASS;  // K/V rows per thread
+    constexpr int NT = PF_BN / 8;                  // n-tiles of S
+    constexpr int OT = HD / 8;                     // n-tiles of O
+    constexpr int KS = HD / 16;                    // k-steps of Q K^T
+    constexpr int ROW_BYTES = HD * 2;
+    constexpr int TILE_BYTES = PF_BN * ROW_BYTES;
 
     extern __shared__ __align__(128) uint8_t pf_smem[];
-    __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(pf_smem);
-    __nv_bfloat16* sK = sQ + PF_BM * HD;          // two stages
-    __nv_bfloat16* sV = sK + 2 * PF_BN * HD;      // two stages
+    // Layout: K stage 0 | K stage 1 | V stage 0 | V stage 1 (4 * PF_BN * HD * 2 bytes). Q
+    // (PF_BM rows) is staged in K stage 1 when it fits there, else after V stage 1, and moved
+    // to registers before the first load into K stage 1.
+    constexpr bool Q_IN_K1 = PF_BM <= PF_BN;
+    __nv_bfloat16* sK = reinterpret_cast<__nv_bfloat16*>(pf_smem);
+    __nv_bfloat16* sV = sK + 2 * PF_BN * HD;
+    __nv_bfloat16* sQ = Q_IN_K1 ? sK + PF_BN * HD : sK + 4 * PF_BN * HD;
+    const uint32_t sK_addr = (uint32_t)__cvta_generic_to_shared(sK);
+    const uint32_t sV_addr = sK_addr + 2 * TILE_BYTES;
+    const uint32_t sQ_addr = (uint32_t)__cvta_generic_to_shared(sQ);
 
     const int h = blockIdx.x, seq = blockIdx.y;
     const int qt = gridDim.z - 1 - blockIdx.z;
@@ -418,166 +447,193 @@ __device__ __forceinline__ void prefill_body(
     const int len_q = min(cu_seqlens_q[seq + 1], q_rows) - q_start;
     const int len_k = min(cu_seqlens_k[seq + 1] - cu_seqlens_k[seq], max_seqlen_k);
     const int q0 = qt * PF_BM;
-    if (q0 >= len_q) return;
-    const int diag = len_k - len_q;               // query i sees keys 0..=diag + i
+    if (q_start < 0 || q0 >= len_q) return;
+    const int diag = len_k - len_q;                // query i sees keys 0..=diag + i
     const int kv_end = min(len_k, diag + q0 + PF_BM);
-    const int n_tiles = (kv_end + PF_BN - 1) / PF_BN;
+    const int n_tiles = kv_end > 0 ? (kv_end + PF_BN - 1) / PF_BN : 0;
     const int out_stride = num_heads * HD;
 
-    // ---- async loads ----
-    const int ch = tid % CH;
-    {
+    // ---- async loads: this thread's chunk ch of rows rr + p * ROWS_PER_PASS ----
+    const int ch = tid % CH, rr = tid / CH;
+    const int dst_off = swz<HD>(rr, ch);           // + p * ROWS_PER_PASS * HD (same swizzle)
 #pragma unroll
-        for (int p = 0; p < PF_BM / ROWS_PER_PASS; ++p) {
-            const int r = tid / CH + p * ROWS_PER_PASS;
-            const bool valid = q0 + r < len_q;
-            const __nv_bfloat16* src =
-                valid ? qkv + (size_t)(q_start + q0 + r) * qkv_stride + (size_t)h * HD + ch * 8
-                      : qkv;
-            cp_async16(sQ + swz<HD>(r, ch), src, valid);
-        }
+    for (int p = 0; p < PF_BM / ROWS_PER_PASS; ++p) {
+        const int r = rr + p * ROWS_PER_PASS;
+        const bool valid = q0 + r < len_q;
+        const __nv_bfloat16* src =
+            valid ? qkv + (size_t)(q_start + q0 + r) * qkv_stride + (size_t)h * HD + ch * 8 : qkv;
+        cp_async16(sQ + dst_off + p * ROWS_PER_PASS * HD, src, valid);
     }
+    cp_async_commit();
+
     const int bs_mask = (1 << log2_bs) - 1;
     const int* bt = block_tables + (size_t)seq * max_blocks_per_seq;
     const size_t row_stride = (size_t)num_kv_heads * HD;
     const size_t head_off = (size_t)kvh * HD + ch * 8;
-    auto load_kv = [&](int tile, int stage) {
-        __nv_bfloat16* dk = sK + stage * PF_BN * HD;
-        __nv_bfloat16* dv = sV + stage * PF_BN * HD;
+    // Block ids of this thread's rows of a tile, fetched a tile ahead of their use so that the
+    // table lookup's latency hides behind a tile of mma work.
+    int ids[PASSES];
+    auto fetch_ids = [&](int tile) {
 #pragma unroll
         for (int p = 0; p < PASSES; ++p) {
-            const int r = tid / CH + p * ROWS_PER_PASS;
-            const int key = tile * PF_BN + r;
-            const bool valid = key < len_k;
-            size_t off = 0;
-            if (valid) {
-                const int blk = min((unsigned)bt[key >> log2_bs], (unsigned)(num_blocks - 1));
-                off = ((size_t)blk * (bs_mask + 1) + (key & bs_mask)) * row_stride + head_off;
-            }
-            cp_async16(dk + swz<HD>(r, ch), k_cache + off, valid);
-            cp_async16(dv + swz<HD>(r, ch), v_cache + off, valid);
+            const int key = max(min(tile * PF_BN + rr + p * ROWS_PER_PASS, len_k - 1), 0);
+            ids[p] = __ldg(bt + (key >> log2_bs));
         }
     };
-    load_kv(0, 0);
-    cp_async_commit();
+    auto issue_kv = [&](int tile, int stage) {
+        __nv_bfloat16* dk = sK + stage * PF_BN * HD + dst_off;
+        __nv_bfloat16* dv = sV + stage * PF_BN * HD + dst_off;
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int key = tile * PF_BN + rr + p * ROWS_PER_PASS;
+            const unsigned blk = min((unsigned)ids[p], (unsigned)(num_blocks - 1));
+            const size_t off =
+                ((size_t)blk * (bs_mask + 1) + (key & bs_mask)) * row_stride + head_off;
+            const bool valid = key < len_k;
+            cp_async16(dk + p * ROWS_PER_PASS * HD, k_cache + off, valid);
+            cp_async16(dv + p * ROWS_PER_PASS * HD, v_cache + off, valid);
+        }
+    };
+    if (n_tiles > 0) {
+        fetch_ids(0);
+        issue_kv(0, 0);
+        cp_async_commit();
+        if (n_tiles > 1) fetch_ids(1);
+    }
 
     // ---- per-warp state: rows g and g + 8 of the warp's 16 ----
     const int g = lane >> 2, t4 = lane & 3;
-    const int row0 = q0 + warp * 16 + g;          // query index (within the sequence) of row g
+    const int row0 = q0 + warp * 16 + g;           // query index (within the sequence) of row g
+    // ldmatrix lane roles: matrix mi = lane / 8, row lr = lane % 8 of it.
+    const int mi = lane >> 3, lr = lane & 7;
+
     uint32_t qf[KS][4];
+    {
+        cp_async_wait<1>();                        // Q has landed (tile 0 may still be in flight)
+        __syncthreads();
+        const uint32_t q_row = sQ_addr + (warp * 16 + (mi & 1) * 8 + lr) * ROW_BYTES;
+        const uint32_t q_x = (((mi >> 1) ^ lr) << 4);
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) ldsm_x4(qf[kk], q_row + (q_x ^ (kk << 5)));
+        __syncthreads();                           // K stage 1 is free for tile 1
+    }
+
+    // K operand: key row np * 16 + (mi >> 1) * 8 + lr, chunk 2 kk + (mi & 1).
+    const uint32_t k_lane = ((mi >> 1) * 8 + lr) * ROW_BYTES;
+    const uint32_t k_x = (((mi & 1) ^ lr) << 4);
+    // V operand (transposed): key row kk * 16 + (mi & 1) * 8 + lr, chunk 2 dp + (mi >> 1).
+    const uint32_t v_lane = ((mi & 1) * 8 + lr) * ROW_BYTES;
+    const uint32_t v_x = (((mi >> 1) ^ lr) << 4);
+
     float o[OT][4];
 #pragma unroll
     for (int i = 0; i < OT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    // Running max of raw (unscaled) scores and running sum, rows g and g + 8.
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-
-    // ldmatrix lane roles: matrix mi = lane / 8, row lane % 8 of it.
-    const int mi = lane >> 3, lr = lane & 7;
 
     for (int j = 0; j < n_tiles; ++j) {
         const int stage = j & 1;
         if (j + 1 < n_tiles) {
-            load_kv(j + 1, stage ^ 1);
+            issue_kv(j + 1, stage ^ 1);
             cp_async_commit();
+            if (j + 2 < n_tiles) fetch_ids(j + 2);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
 
-        if (j == 0) {
+        const uint32_t tk = sK_addr + stage * TILE_BYTES + k_lane;
+        const uint32_t tv = sV_addr + stage * TILE_BYTES + v_lane;
+        const int k0 = j * PF_BN;
+        // A warp whose 16 rows all end before this tile (the CTA's later rows need it) skips
+        // its arithmetic but still takes part in the barriers.
+        if (k0 <= diag + q0 + warp * 16 + 15) {
+            // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+            float s[NT][4];
+#pragma unroll
+            for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
-                const int r = warp * 16 + (mi & 1) * 8 + lr;
-                ldmatrix_x4(qf[kk], sQ + swz<HD>(r, kk * 2 + (mi >> 1)));
-            }
-        }
-
-        const __nv_bfloat16* tk = sK + stage * PF_BN * HD;
-        const __nv_bfloat16* tv = sV + stage * PF_BN * HD;
-
-        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
-        float s[NT][4];
+                const uint32_t a = tk + (k_x ^ (kk << 5));
 #pragma unroll
-        for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-#pragma unroll
-            for (int np = 0; np < NT / 2; ++np) {
-                uint32_t b[4];
-                const int r = np * 16 + (mi >> 1) * 8 + lr;
-                ldmatrix_x4(b, tk + swz<HD>(r, kk * 2 + (mi & 1)));
-                mma_bf16(s[2 * np], qf[kk], b[0], b[1]);
-                mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
-            }
-        }
-
-        // Scale to log2 units; mask keys past the causal limit or past the end.
-        const int k0 = j * PF_BN;
-        const bool need_mask = (k0 + PF_BN - 1 > diag + q0 + warp * 16) || (k0 + PF_BN > len_k);
-#pragma unroll
-        for (int i = 0; i < NT; ++i) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float v = s[i][e] * scale_log2;
-                if (need_mask) {
-                    const int key = k0 + i * 8 + 2 * t4 + (e & 1);
-                    const int qi = row0 + ((e >> 1) << 3);
-                    if (key > diag + qi || key >= len_k) v = NEG_INF;
+                for (int np = 0; np < NT / 2; ++np) {
+                    uint32_t b[4];
+                    ldsm_x4(b, a + np * 16 * ROW_BYTES);
+                    mma_bf16(s[2 * np], qf[kk], b[0], b[1]);
+                    mma_bf16(s[2 * np + 1], qf[kk], b[2], b[3]);
                 }
-                s[i][e] = v;
             }
-        }
 
-        // Online softmax, rows g (r = 0) and g + 8 (r = 1); a row's 64 scores sit in the 4 lanes
-        // of a quad.
+            // Mask keys past the causal limit or the end (only tiles crossing the diagonal).
+            if ((k0 + PF_BN - 1 > diag + q0 + warp * 16) || (k0 + PF_BN > len_k)) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = m[r];
+                for (int i = 0; i < NT; ++i) {
 #pragma unroll
-            for (int i = 0; i < NT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mu = (mx == NEG_INF) ? 0.f : mx;
-            const float alpha = exp2f(m[r] - mu);
-            m[r] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int i = 0; i < NT; ++i) {
-                s[i][2 * r] = exp2f(s[i][2 * r] - mu);
-                s[i][2 * r + 1] = exp2f(s[i][2 * r + 1] - mu);
-                sum += s[i][2 * r] + s[i][2 * r + 1];
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + i * 8 + 2 * t4 + (e & 1);
+                        const int qi = row0 + ((e >> 1) << 3);
+                        if (key > diag + qi || key >= len_k) s[i][e] = NEG_INF;
+                    }
+                }
             }
-            l[r] = l[r] * alpha + sum;
-#pragma unroll
-            for (int i = 0; i < OT; ++i) {
-                o[i][2 * r] *= alpha;
-                o[i][2 * r + 1] *= alpha;
-            }
-        }
 
-        // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+            // Online softmax on raw scores: p = 2^(s * scale_log2 - m * scale_log2), one FFMA and
+            // one MUFU per score (scale_log2 > 0, so the max of raw scores is the max of scaled).
+            float alpha[2];
 #pragma unroll
-        for (int kk = 0; kk < PF_BN / 16; ++kk) {
-            uint32_t a[4];
-            a[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int r = 0; r < 2; ++r) {
+                float mx = m[r];
 #pragma unroll
-            for (int dp = 0; dp < HD / 16; ++dp) {
-                uint32_t b[4];
-                const int r = kk * 16 + (mi & 1) * 8 + lr;
-                ldmatrix_x4_trans(b, tv + swz<HD>(r, dp * 2 + (mi >> 1)));
-                mma_bf16(o[2 * dp], a, b[0], b[1]);
-                mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+                for (int i = 0; i < NT; ++i) mx = fmaxf(mx, fmaxf(s[i][2 * r], s[i][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mu = (mx == NEG_INF) ? 0.f : mx * scale_log2;
+                alpha[r] = ex2(m[r] * scale_log2 - mu);
+                m[r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {
+                    s[i][2 * r] = ex2(fmaf(s[i][2 * r], scale_log2, -mu));
+                    s[i][2 * r + 1] = ex2(fmaf(s[i][2 * r + 1], scale_log2, -mu));
+                    sum += s[i][2 * r] + s[i][2 * r + 1];
+                }
+                l[r] = l[r] * alpha[r] + sum;
+            }
+            // Rescale O only when some row's max moved (after the first tiles it rarely does).
+            if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+                for (int i = 0; i < OT; ++i) {
+                    o[i][0] *= alpha[0];
+                    o[i][1] *= alpha[0];
+                    o[i][2] *= alpha[1];
+                    o[i][3] *= alpha[1];
+                }
+            }
+
+            // O += P V: P's accumulator layout is the A-fragment layout of the next mma.
+#pragma unroll
+            for (int kk = 0; kk < PF_BN / 16; ++kk) {
+                uint32_t a[4];
+                a[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+                a[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+                a[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                a[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                const uint32_t vrow = tv + kk * 16 * ROW_BYTES;
+#pragma unroll
+                for (int dp = 0; dp < HD / 16; ++dp) {
+                    uint32_t b[4];
+                    ldsm_x4_trans(b, vrow + (v_x ^ (dp << 5)));
+                    mma_bf16(o[2 * dp], a, b[0], b[1]);
+                    mma_bf16(o[2 * dp + 1], a, b[2], b[3]);
+                }
             }
         }
         __syncthreads();  // this stage is overwritten by the loads of iteration j + 1
     }
+    cp_async_wait<0>();  // nothing may be in flight at exit
 
-    cp_async_wait<0>();  // nothing may be in flight at exit (n_tiles can be 0 on bad metadata)
-
-    // Finish: row sums across the quad, normalise, store.
+    // Finish: row sums across the quad, normalise, store (an empty row stores zeros).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float sum = l[r];
@@ -597,7 +653,7 @@ __device__ __forceinline__ void prefill_body(
 }
 
 #define PREFILL_KERNEL(HD)                                                                    \
-    extern "C" __global__ void __launch_bounds__(PF_THREADS) attn_prefill_hd##HD(             \
+    extern "C" __global__ void __launch_bounds__(PF_THREADS, PF_MIN_BLOCKS) attn_prefill_hd##HD(             \
         const __nv_bfloat16* __restrict__ qkv, int qkv_stride, int q_rows,                   \
         const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
         const int* __restrict__ cu_seqlens_q, const int* __restrict__ cu_seqlens_k,          \

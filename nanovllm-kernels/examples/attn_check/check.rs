@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaContext;
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum};
+use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
 use half::bf16;
 use nanovllm_kernels::cpu::CpuBackend;
 use nanovllm_kernels::cuda::CudaBackend;
@@ -502,6 +503,7 @@ fn decode_cases(rng: &mut Rng) -> Vec<DecodeCase> {
         1.0,
     );
     add("ctx 0 padding", vec![0, 33, 0], (16, 8, 128, 16), 64, 1.0);
+    add("all contexts 0", vec![0, 0], (16, 8, 128, 16), 0, 1.0);
     add(
         "batch 512",
         (0..512).map(|_| 1 + rng.below(600)).collect(),
@@ -661,21 +663,24 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         target: "ceiling".into(),
     });
     // The two targets first, then a scan of batch sizes and contexts.
-    let shapes: &[(usize, usize)] = &[
-        (256, 1024),
-        (16, 8192),
-        (1, 8192),
-        (8, 4096),
-        (32, 4096),
-        (64, 2048),
-        (128, 1024),
-        (512, 1024),
+    // (batch, context, query heads): 16 query heads over 8 kv heads is Qwen3-0.6B/1.7B, 32 is
+    // Qwen3-4B/8B (group 4).
+    let shapes: &[(usize, usize, usize)] = &[
+        (256, 1024, 16),
+        (16, 8192, 16),
+        (1, 8192, 16),
+        (8, 4096, 16),
+        (32, 4096, 16),
+        (64, 2048, 16),
+        (128, 1024, 16),
+        (512, 1024, 16),
+        (256, 1024, 32),
     ];
-    for &(n, ctx) in shapes {
+    for &(n, ctx, nh) in shapes {
         let c = DecodeCase {
             name: String::new(),
             ctx: vec![ctx; n],
-            nh: 16,
+            nh,
             nkv: 8,
             hd: 128,
             bs: 256,
@@ -689,28 +694,28 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             gpu.from_host(&x.v)?,
         );
         let (lens, table) = (gpu.from_host(&x.lens)?, gpu.from_host(&x.table)?);
-        let mut out = gpu.from_host(&poison(n * 16 * 128))?;
+        let mut out = gpu.from_host(&poison(n * nh * 128))?;
         let ms = time_ms(gpu, 9, 10, || {
             gpu.decode_attention(&qkv, &k, &v, &lens, &table, n, ctx, &x.attn, &mut out)
         })?;
         // K and V of every context token once, q in, out back.
-        let bytes = (n * ctx * 8 * 128 * 2 * 2 + 2 * n * 16 * 128 * 2) as f64;
+        let bytes = (n * ctx * 8 * 128 * 2 * 2 + 2 * n * nh * 128 * 2) as f64;
         let gbs = bytes / (ms * 1e-3);
         rows.push(Row {
-            what: format!("decode {n} x {ctx}"),
+            what: format!("decode {n} x {ctx}{}", if nh == 16 { "" } else { " g4" }),
             ms,
             rate: format!("{:.0} GB/s = {:.0}% of copy", gbs / 1e9, 100.0 * gbs / bw),
-            target: if matches!((n, ctx), (256, 1024) | (16, 8192)) {
+            target: if matches!((n, ctx, nh), (256, 1024, 16) | (16, 8192, 16)) {
                 format!(">= 85% ({:.3} ms)", bytes / (0.85 * bw) * 1e3)
             } else {
                 String::new()
             },
         });
     }
-    {
+    for &(n, len) in &[(16usize, 1024usize), (4, 4096)] {
         let c = PrefillCase {
             name: String::new(),
-            lens: vec![(1024, 1024); 16],
+            lens: vec![(len, len); n],
             nh: 16,
             nkv: 8,
             hd: 128,
@@ -725,18 +730,22 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         );
         let (cq, ck) = (gpu.from_host(&x.cu_q)?, gpu.from_host(&x.cu_k)?);
         let table = gpu.from_host(&x.table)?;
-        let mut out = gpu.from_host(&poison(16 * 1024 * 16 * 128))?;
+        let mut out = gpu.from_host(&poison(n * len * 16 * 128))?;
         let ms = time_ms(gpu, 9, 10, || {
             gpu.prefill_attention(
-                &qkv, &k, &v, &cq, &ck, &table, 16, 1024, 1024, &x.attn, &mut out,
+                &qkv, &k, &v, &cq, &ck, &table, n, len, len, &x.attn, &mut out,
             )
         })?;
-        let flops = 4.0 * 16.0 * (1024.0 * 1024.0 / 2.0) * 16.0 * 128.0;
+        let flops = 4.0 * n as f64 * (len as f64 * len as f64 / 2.0) * 16.0 * 128.0;
         rows.push(Row {
-            what: "prefill 16 x 1024 causal".into(),
+            what: format!("prefill {n} x {len} causal"),
             ms,
             rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
-            target: format!(">= 200 TFLOP/s ({:.3} ms)", flops / 200e12 * 1e3),
+            target: if n == 16 {
+                format!(">= 200 TFLOP/s ({:.3} ms)", flops / 200e12 * 1e3)
+            } else {
+                String::new()
+            },
         });
     }
     Ok(())
@@ -751,6 +760,121 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Times other builds of the prefill kernel (PTX files made with other `PF_BM` / `PF_BN` /
+/// `PF_MIN_BLOCKS`, given as `BM:BN:path`) at the 16 x 1,024 target shape, launched here through
+/// cudarc with the launcher's argument list, each checked against the backend's own output.
+fn prefill_variants(gpu: &CudaBackend, specs: &[String], rows: &mut Vec<Row>) -> Result<()> {
+    fn err(w: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+        move |e| Error::Cuda(format!("prefill variant: {w}: {e:?}"))
+    }
+    let c = PrefillCase {
+        name: String::new(),
+        lens: vec![(1024, 1024); 16],
+        nh: 16,
+        nkv: 8,
+        hd: 128,
+        bs: 256,
+        q_scale: 1.0,
+    };
+    let x = prefill_inputs(&c, 4321);
+    let want = to_f64(&prefill_on(gpu, &c, &x)?);
+    let ctx = CudaContext::new(0).map_err(err("context"))?;
+    let stream = ctx.new_stream().map_err(err("stream"))?;
+    let qkv = stream.clone_htod(&x.qkv).map_err(err("upload"))?;
+    let k = stream.clone_htod(&x.k).map_err(err("upload"))?;
+    let v = stream.clone_htod(&x.v).map_err(err("upload"))?;
+    let cq = stream.clone_htod(&x.cu_q).map_err(err("upload"))?;
+    let ck = stream.clone_htod(&x.cu_k).map_err(err("upload"))?;
+    let table = stream.clone_htod(&x.table).map_err(err("upload"))?;
+    let total_q = 16 * 1024;
+    let (qkv_stride, q_rows) = (x.attn.qkv_width() as i32, total_q as i32);
+    let (mbps, nkv) = (x.attn.max_blocks_per_seq as i32, 8i32);
+    let num_blocks = (x.k.len() / (256 * 8 * 128)) as i32;
+    let (max_k, log2_bs) = (1024i32, 8i32);
+    let scale_log2 = x.attn.scale * std::f32::consts::LOG2_E;
+    let flops = 4.0 * 16.0 * (1024.0 * 1024.0 / 2.0) * 16.0 * 128.0;
+    for spec in specs {
+        // BM:BN:path, or BM:BN:path:SMEM_BYTES for a build whose shared-memory layout differs.
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (bm, bn, path) = match parts.as_slice() {
+            [m, n, p] | [m, n, p, _] => (m.parse::<usize>().ok(), n.parse::<usize>().ok(), *p),
+            _ => (None, None, ""),
+        };
+        let (Some(bm), Some(bn)) = (bm, bn) else {
+            return Err(Error::Other(format!(
+                "variant `{spec}`: expected BM:BN:path[:smem_bytes]"
+            )));
+        };
+        let module = ctx.load_module(Ptx::from_file(path)).map_err(err("load"))?;
+        let f = module
+            .load_function("attn_prefill_hd128")
+            .map_err(err("function"))?;
+        let smem = match parts.get(3).and_then(|v| v.parse::<usize>().ok()) {
+            Some(bytes) => bytes,
+            None => 4 * bn * 128 * 2 + if bn < bm { bm * 128 * 2 } else { 0 },
+        };
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(err("smem"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (16, 16, (1024 / bm) as u32),
+            block_dim: ((bm / 16 * 32) as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut out = stream
+            .clone_htod(&poison(total_q * 16 * 128))
+            .map_err(err("upload"))?;
+        let launch = |out: &mut cudarc::driver::CudaSlice<bf16>| -> Result<()> {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&qkv)
+                .arg(&qkv_stride)
+                .arg(&q_rows)
+                .arg(&k)
+                .arg(&v)
+                .arg(&cq)
+                .arg(&ck)
+                .arg(&table)
+                .arg(&mbps)
+                .arg(&nkv)
+                .arg(&num_blocks)
+                .arg(&max_k)
+                .arg(&log2_bs)
+                .arg(&scale_log2)
+                .arg(out);
+            // SAFETY: the argument list is attn_prefill_hd128's (the same source as the
+            // backend's launcher); every buffer holds what the 16 x 1,024 grid reads or writes.
+            unsafe { b.launch(cfg) }.map_err(err("launch"))?;
+            Ok(())
+        };
+        launch(&mut out)?;
+        let got = to_f64(&stream.clone_dtoh(&out).map_err(err("download"))?);
+        let rel = rel_l2(&got, &want);
+        let mut times = Vec::new();
+        for _ in 0..9 {
+            let t0 = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err("event"))?;
+            for _ in 0..10 {
+                launch(&mut out)?;
+            }
+            let t1 = stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err("event"))?;
+            times.push(t0.elapsed_ms(&t1).map_err(err("elapsed"))? as f64 / 10.0);
+        }
+        let ms = median(times);
+        rows.push(Row {
+            what: format!("prefill {}", path.rsplit('/').next().unwrap_or(path)),
+            ms,
+            rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
+            target: format!("vs backend output: rel {rel:.1e}"),
+        });
+    }
+    Ok(())
 }
 
 /// Runs every check with `dev` as the backend under test; returns (checks run, failed).
@@ -849,6 +973,15 @@ fn run() -> Result<bool> {
     if !args.iter().any(|a| a == "--no-bench") {
         let mut rows = Vec::new();
         bench(&gpu, &mut rows)?;
+        let variants: Vec<String> = args
+            .iter()
+            .skip_while(|a| *a != "--prefill-variants")
+            .skip(1)
+            .cloned()
+            .collect();
+        if !variants.is_empty() {
+            prefill_variants(&gpu, &variants, &mut rows)?;
+        }
         println!("\nattention timings on {} (median)", gpu.device_name()?);
         println!("{:<26} {:>9}  {:<28} target", "what", "ms", "rate");
         for r in &rows {

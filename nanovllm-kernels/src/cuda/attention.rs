@@ -8,6 +8,7 @@
 //! buffers (sequence lengths, block ids) cannot be checked without a device round trip; the
 //! kernels clamp them so that bad metadata gives wrong numbers, never an out-of-bounds access.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -76,6 +77,13 @@ fn check_params(op: &'static str, attn: &AttnParams) -> Result<i32> {
                 "block_size {} must be a power of two no larger than 256",
                 attn.block_size
             ),
+        ));
+    }
+    // The kernels take the softmax max over raw scores, which needs a positive scale.
+    if !(attn.scale > 0.0 && attn.scale.is_finite()) {
+        return Err(bad_params(
+            op,
+            format!("softmax scale {} must be positive and finite", attn.scale),
         ));
     }
     Ok(attn.block_size.trailing_zeros() as i32)
@@ -159,6 +167,34 @@ pub(crate) fn decode_splits(
     }
 }
 
+/// Decode kernels by head size (64, 128) and group size (1..=8): `attn_decode_hd{d}_g{g}`.
+const DECODE_KERNELS: [[&str; 8]; 2] = [
+    [
+        "attn_decode_hd64_g1",
+        "attn_decode_hd64_g2",
+        "attn_decode_hd64_g3",
+        "attn_decode_hd64_g4",
+        "attn_decode_hd64_g5",
+        "attn_decode_hd64_g6",
+        "attn_decode_hd64_g7",
+        "attn_decode_hd64_g8",
+    ],
+    [
+        "attn_decode_hd128_g1",
+        "attn_decode_hd128_g2",
+        "attn_decode_hd128_g3",
+        "attn_decode_hd128_g4",
+        "attn_decode_hd128_g5",
+        "attn_decode_hd128_g6",
+        "attn_decode_hd128_g7",
+        "attn_decode_hd128_g8",
+    ],
+];
+
+/// Resident CTAs per SM of each decode kernel (same index as [`DECODE_KERNELS`]), asked of
+/// the driver once; 0 until then. The kernels are the same PTX on every GPU of a process.
+static DECODE_CTAS_PER_SM: [[AtomicU32; 8]; 2] = [const { [const { AtomicU32::new(0) }; 8] }; 2];
+
 /// Loads a kernel of the attention module.
 fn func(be: &CudaBackend, name: &str) -> Result<CudaFunction> {
     be.func("attention", name)
@@ -209,17 +245,27 @@ pub(crate) fn decode_attention(
         "block_tables",
         &[attn.max_blocks_per_seq, attn.block_size],
     )?);
-    if num_seqs == 0 || max_context_len == 0 {
+    if num_seqs == 0 {
         return Ok(());
     }
 
-    let kernel = func(be, &format!("attn_decode_hd{}_g{}", attn.head_dim, group))?;
-    // Occupancy with the largest block-table slice a split can stage.
-    let ctas_per_sm = kernel
-        .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, MAX_SPLIT_BLOCKS * 4, None)
-        .map_err(cuda_err("decode_attention: occupancy query"))?
-        .max(1) as usize;
-    let wave = be.num_sms() * ctas_per_sm;
+    let hd_index = usize::from(attn.head_dim == 128);
+    let kernel = func(be, DECODE_KERNELS[hd_index][group - 1])?;
+    let cached = &DECODE_CTAS_PER_SM[hd_index][group - 1];
+    let mut ctas_per_sm = cached.load(Ordering::Relaxed);
+    if ctas_per_sm == 0 {
+        // Occupancy with the largest block-table slice a split can stage.
+        ctas_per_sm = kernel
+            .occupancy_max_active_blocks_per_multiprocessor(
+                DECODE_THREADS,
+                MAX_SPLIT_BLOCKS * 4,
+                None,
+            )
+            .map_err(cuda_err("decode_attention: occupancy query"))?
+            .max(1);
+        cached.store(ctas_per_sm, Ordering::Relaxed);
+    }
+    let wave = be.num_sms() * ctas_per_sm as usize;
     let splits = decode_splits(
         num_seqs,
         attn.num_kv_heads,
@@ -367,8 +413,16 @@ pub(crate) fn prefill_attention(
         return Ok(());
     }
 
-    let kernel = func(be, &format!("attn_prefill_hd{}", attn.head_dim))?;
-    let smem_bytes = (PREFILL_BM + 4 * PREFILL_BN) * attn.head_dim * 2;
+    let kernel = func(
+        be,
+        if attn.head_dim == 128 {
+            "attn_prefill_hd128"
+        } else {
+            "attn_prefill_hd64"
+        },
+    )?;
+    // Two stages of K and V tiles; Q passes through K's second stage (PREFILL_BM <= PREFILL_BN).
+    let smem_bytes = 4 * PREFILL_BN * attn.head_dim * 2;
     kernel
         .set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
