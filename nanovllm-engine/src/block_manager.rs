@@ -21,10 +21,19 @@
 //! - when two sequences compute the same block, the map keeps the later one, and the earlier
 //!   block only removes its map entry on reuse if the entry still points at it.
 //!
-//! One change of data structure: nano-vLLM's free list is a `deque` whose `remove(block_id)` (a
-//! cache hit on a free block) scans the whole list. Here the free list is a doubly linked list
-//! threaded through arrays indexed by block id: the same order and the same operations (take
-//! from the front, give back at the back, remove anywhere), each O(1).
+//! Same behavior, cheaper data structures:
+//! - nano-vLLM's free list is a `deque` whose `remove(block_id)` (a cache hit on a free block)
+//!   scans the whole list. Here it is a doubly linked list threaded through arrays indexed by
+//!   block id: the same order and the same operations (take from the front, give back at the
+//!   back, remove anywhere), each O(1);
+//! - the tokens of hashed blocks live in one array allocated up front, so registering a block
+//!   allocates nothing;
+//! - `allocate` reuses the hashes that `can_allocate` just computed for the same sequence (the
+//!   scheduler always calls them back to back), re-checking each hit against the map and the
+//!   stored tokens instead of hashing the blocks again.
+//!
+//! `tests/block_manager_props.rs` checks this implementation against a plain transcription of
+//! nano-vLLM's on random operation sequences.
 
 use crate::sequence::Sequence;
 use nanovllm_utils::{Error, Result};

@@ -321,6 +321,7 @@ impl Scheduler {
     pub fn schedule_into(&mut self, batch: &mut ScheduledBatch) -> Result<bool> {
         batch.seq_ids.clear();
         batch.slots.clear();
+        batch.is_prefill = false;
         batch.num_tokens = 0;
         if self.is_finished() {
             return Ok(false);
