@@ -34,6 +34,12 @@ fn rand_bf16(rng: &mut StdRng, len: usize, scale: f32) -> Vec<bf16> {
         .collect()
 }
 
+/// The backend with its AVX2 kernels (where the CPU has them) and without: the ops that have
+/// vector kernels (GEMM, attention) are checked through both.
+fn backends() -> [CpuBackend; 2] {
+    [CpuBackend::new(), CpuBackend::plain()]
+}
+
 fn f(x: bf16) -> f64 {
     x.to_f64()
 }
@@ -87,7 +93,9 @@ fn embedding_copies_rows_and_masks_other_ranks() {
     let mut r = rng(1);
     let (vocab_start, vocab_rows, hidden) = (100, 50, 96);
     let weight = rand_bf16(&mut r, vocab_rows * hidden, 1.0);
-    let ids: Vec<u32> = (0..40).map(|_| r.gen_range(0..250)).collect();
+    let mut ids: Vec<u32> = (0..40).map(|_| r.gen_range(0..250)).collect();
+    // The edges of this rank's range, and ids just outside it.
+    ids.extend([99, 100, 149, 150]);
     let n = ids.len();
     let mut out = buf(&vec![bf16::from_f32(7.0); (n + 1) * hidden]);
     be.embedding(
@@ -463,8 +471,6 @@ fn gemm_matches_triple_loop() {
     ] {
         let x = rand_bf16(&mut r, m * k, 1.0);
         let w = rand_bf16(&mut r, n * k, 0.05);
-        let mut out = buf(&vec![bf16::from_f32(3.0); m * n + 3]);
-        be.gemm(&buf(&x), &buf(&w), m, n, k, &mut out).unwrap();
         let mut want = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -475,18 +481,21 @@ fn gemm_matches_triple_loop() {
                 want[i * n + j] = acc;
             }
         }
-        // Per row of out; with n == 1, per column block instead.
-        let width = if n == 1 { m } else { n };
-        assert_rows_close(
-            &format!("gemm {m}x{n}x{k}"),
-            &out.as_slice()[..m * n],
-            &want,
-            width,
-            1e-2,
-        );
-        assert!(out.as_slice()[m * n..]
-            .iter()
-            .all(|&v| v == bf16::from_f32(3.0)));
+        for be in backends() {
+            let mut out = buf(&vec![bf16::from_f32(3.0); m * n + 3]);
+            be.gemm(&buf(&x), &buf(&w), m, n, k, &mut out).unwrap();
+            // Per row of out; with n == 1, per column block instead.
+            let width = if n == 1 { m } else { n };
+            assert_rows_close(
+                &format!("gemm {m}x{n}x{k} on {}", be.name()),
+                &out.as_slice()[..m * n],
+                &want,
+                width,
+                1e-2,
+            );
+            let tail = &out.as_slice()[m * n..];
+            assert!(tail.iter().all(|&v| v == bf16::from_f32(3.0)));
+        }
     }
     assert_shape_err(
         be.gemm(
@@ -605,7 +614,18 @@ impl Paged {
 
 /// Runs prefill attention for sequences of `(len_q, len_k)` and checks every query row.
 fn check_prefill(group: usize, head_dim: usize, block_size: usize, seqs: &[(usize, usize)]) {
-    let be = CpuBackend::new();
+    for be in backends() {
+        check_prefill_on(be, group, head_dim, block_size, seqs);
+    }
+}
+
+fn check_prefill_on(
+    be: CpuBackend,
+    group: usize,
+    head_dim: usize,
+    block_size: usize,
+    seqs: &[(usize, usize)],
+) {
     let mut r = rng((group * 1000 + head_dim * 10 + block_size) as u64);
     let num_kv_heads = 2;
     let key_lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
@@ -644,7 +664,10 @@ fn check_prefill(group: usize, head_dim: usize, block_size: usize, seqs: &[(usiz
             want.extend(p.reference_row(&qkv, cu_q[s] as usize + i, s, lk - lq + i + 1));
         }
     }
-    let what = format!("prefill group {group} d {head_dim} block {block_size} seqs {seqs:?}");
+    let what = format!(
+        "prefill on {}: group {group} d {head_dim} block {block_size} seqs {seqs:?}",
+        be.name()
+    );
     assert_rows_close(
         &what,
         &out.as_slice()[..total_q * ow],
@@ -678,7 +701,18 @@ fn prefill_attention_with_cached_prefix_and_chunks() {
 
 /// Runs decode attention over sequences of the given context lengths and checks each row.
 fn check_decode(group: usize, head_dim: usize, block_size: usize, lens: &[usize]) {
-    let be = CpuBackend::new();
+    for be in backends() {
+        check_decode_on(be, group, head_dim, block_size, lens);
+    }
+}
+
+fn check_decode_on(
+    be: CpuBackend,
+    group: usize,
+    head_dim: usize,
+    block_size: usize,
+    lens: &[usize],
+) {
     let mut r = rng((group * 7 + head_dim + block_size * 3) as u64);
     let p = Paged::new(&mut r, group, 2, head_dim, block_size, lens);
     let a = p.attn;
@@ -711,7 +745,10 @@ fn check_decode(group: usize, head_dim: usize, block_size: usize, lens: &[usize]
         want.extend(p.reference_row(&qkv, s, s, l));
         got.extend_from_slice(row);
     }
-    let what = format!("decode group {group} d {head_dim} block {block_size} lens {lens:?}");
+    let what = format!(
+        "decode on {}: group {group} d {head_dim} block {block_size} lens {lens:?}",
+        be.name()
+    );
     assert_rows_close(&what, &got, &want, head_dim, 1e-2);
 }
 
@@ -721,6 +758,9 @@ fn decode_attention_mixed_lengths() {
     check_decode(2, 128, 256, &[255, 256, 257, 3, 700]);
     check_decode(4, 64, 16, &[33, 1, 128, 129]);
     check_decode(8, 64, 256, &[513, 2, 0, 40]);
+    // Fewer sequences than threads: each is split by KV heads.
+    check_decode(2, 128, 16, &[300]);
+    check_decode(4, 64, 256, &[5, 77]);
 }
 
 #[test]

@@ -2,19 +2,24 @@
 //! prefill attention over the cache (cached prefixes and chunked prefill included) and paged
 //! decode attention.
 //!
-//! Both attention ops share one core, [`attend`], which computes a tile of query rows of one
-//! sequence against the keys the tile can see. It works like flash attention: for each KV head
-//! the tile's queries of every head of its GQA group are stacked (row `t * group + h`, so rows
-//! of one token sit together and the causal limit never decreases down the rows) and widened
-//! to f32 once; keys and values are read in bf16 straight from the cache, a block of
-//! [`KEY_BLOCK`] keys at a time, walking each run of keys that share a cache block at the
-//! cache's row stride (no gather, no copy). Scores are scaled in f32, the softmax is the online
-//! one (running max and sum per row, probabilities kept in f32), and the output is divided by
-//! the sum and rounded to bf16 once at the end. Rows that see no key of a block skip it, so the
-//! causal mask costs nothing beyond the diagonal block.
+//! Both attention ops share one core, [`attend`], which computes a tile of consecutive queries
+//! of one sequence, for a range of KV heads, against the keys the tile can see. It works like
+//! flash attention:
+//! * the queries are widened to f32 once and stacked one row per (KV head, token, head of the
+//!   GQA group), so that the rows of one KV head are contiguous and their causal limit never
+//!   decreases down the rows;
+//! * keys and values are read in bf16 straight from the cache (no gather, no copy), a block of
+//!   [`KEY_BLOCK`] keys at a time, walking each run of keys that share a cache block at the
+//!   cache's slot stride; a slot holds every KV head side by side, so the heads are the inner
+//!   loop and the cache is read in order;
+//! * scores are scaled in f32, the softmax is the online one (running max and sum per row,
+//!   probabilities kept in f32), and the output is divided by the sum and rounded to bf16 once
+//!   at the end. Rows that see no key of a block skip it, so the causal mask costs nothing
+//!   beyond the diagonal block.
 //!
 //! Prefill work items are (sequence, tile of queries), each owning a contiguous block of output
-//! rows; decode items are (sequence, KV head). rayon runs the items in parallel.
+//! rows; decode items are sequences, split into pieces of KV heads when there are fewer
+//! sequences than threads. rayon runs the items in parallel.
 
 use std::cell::RefCell;
 
@@ -26,7 +31,7 @@ use super::simd::{bcast_rows, exp_f32, f32_of, multiversion, widen, Isa, LANES};
 use super::{check_attn, index_error, numel, prefix, prefix_mut};
 use crate::backend::AttnParams;
 
-/// Keys scored at a time: the tile's scores for them (at most 64 rows x 128 f32) stay in L1
+/// Keys scored at a time: the tile's scores for them (at most 256 rows x 128 f32) stay in L2
 /// between the softmax and the product with the values.
 const KEY_BLOCK: usize = 128;
 
@@ -112,8 +117,9 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 multiversion! {
-    /// Attention of one tile: for each query `t` and head `h` of `tile.kv_heads`' groups,
-    /// `out[t * ldo + (h - h0) * d..][..d]` (with `h0` the first head of the first group).
+    /// Attention of one tile: for each query `t` and each query head `h` of the groups of
+    /// `tile.kv_heads`, `out[t * ldo + (h - h0) * d..][..d]`, `h0` being the first of those
+    /// heads.
     fn attend = attend_impl / attend_avx2(
         tile: &Tile<'_>,
         kv: &PagedKv<'_>,
@@ -240,13 +246,10 @@ fn attend_impl<I: Isa>(
                 row.fill(0.0);
                 continue;
             }
-            let mut sum = 0.0f32;
             for x in &mut row[..visible] {
                 *x = exp_f32(*x - m_new);
             }
-            for x in &row[..visible] {
-                sum += x;
-            }
+            let sum: f32 = row[..visible].iter().sum();
             row[visible..].fill(0.0);
             let alpha = (m_old - m_new).exp();
             l[r] = l[r] * alpha + sum;
@@ -375,12 +378,9 @@ fn seq_range(
 ) -> Result<std::ops::Range<usize>> {
     let (a, b) = (cu[s], cu[s + 1]);
     if a < 0 {
-        return Err(index_error(
-            op,
-            format!("{name}[{s}]"),
-            a as i64,
-            i32::MAX as usize,
-        ));
+        return Err(Error::Other(format!(
+            "op {op}: {name}[{s}] = {a} is negative"
+        )));
     }
     if b < a {
         return Err(Error::Other(format!(
@@ -430,9 +430,11 @@ pub(super) fn store_kvcache(
     Ok(())
 }
 
-/// Varlen causal prefill attention over the paged cache (see [`crate::Backend::prefill_attention`]).
+/// Varlen causal prefill attention over the paged cache (see
+/// [`crate::Backend::prefill_attention`]); `simd` allows the AVX2 kernels.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn prefill_attention(
+    simd: bool,
     qkv: &[bf16],
     k_cache: &[bf16],
     v_cache: &[bf16],
@@ -457,6 +459,9 @@ pub(super) fn prefill_attention(
         numel(OP, "block_tables", &[num_seqs, mbps])?,
     )?;
     let (kv, num_blocks) = paged_kv(OP, attn, k_cache, v_cache)?;
+    if num_seqs == 0 {
+        return Ok(());
+    }
 
     // Check every sequence before any work starts.
     let mut seqs = Vec::with_capacity(num_seqs);
@@ -508,15 +513,17 @@ pub(super) fn prefill_attention(
         }
     }
     items.into_par_iter().for_each(|(tile, chunk)| {
-        with_scratch(|sc| attend(&tile, &kv, attn, chunk, ow, sc));
+        with_scratch(|sc| attend(simd, &tile, &kv, attn, chunk, ow, sc));
     });
     Ok(())
 }
 
 /// Paged decode attention, one query per sequence (see [`crate::Backend::decode_attention`]).
-/// A sequence with `context_lens[s] == 0` (padding of a batch) gets a row of zeros.
+/// A sequence with `context_lens[s] == 0` (padding of a batch) gets a row of zeros; `simd`
+/// allows the AVX2 kernels.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn decode_attention(
+    simd: bool,
     qkv: &[bf16],
     k_cache: &[bf16],
     v_cache: &[bf16],
@@ -585,7 +592,7 @@ pub(super) fn decode_attention(
         if len == 0 {
             chunk.fill(bf16::ZERO);
         } else {
-            with_scratch(|sc| attend(&tile, &kv, attn, chunk, ow, sc));
+            with_scratch(|sc| attend(simd, &tile, &kv, attn, chunk, ow, sc));
         }
     });
     Ok(())

@@ -34,8 +34,9 @@ const M_BLOCK: usize = 1024;
 /// reads it).
 const PANEL_ELEMS: usize = 1 << 19;
 
-/// `out[..m * n] = bf16(x[..m * k] . w[..n * k]^T)`.
+/// `out[..m * n] = bf16(x[..m * k] . w[..n * k]^T)`; `simd` allows the AVX2 kernels.
 pub(super) fn gemm(
+    simd: bool,
     x: &[bf16],
     w: &[bf16],
     m: usize,
@@ -54,7 +55,7 @@ pub(super) fn gemm(
         return Ok(());
     }
     if m <= SMALL_M {
-        gemm_small(x, w, m, n, k, out);
+        gemm_small(simd, x, w, m, n, k, out);
     } else {
         gemm_sgemm(x, w, m, n, k, out);
     }
@@ -62,26 +63,25 @@ pub(super) fn gemm(
 }
 
 /// The decode path: rayon over chunks of output columns, each chunk's weights read once.
-fn gemm_small(x: &[bf16], w: &[bf16], m: usize, n: usize, k: usize, out: &mut [bf16]) {
+fn gemm_small(simd: bool, x: &[bf16], w: &[bf16], m: usize, n: usize, k: usize, out: &mut [bf16]) {
     let mut xf = vec![0f32; m * k];
     widen(x, &mut xf);
     // Enough chunks for load balance, each a few dozen weight rows.
     let cols_per_task = (n / (8 * rayon::current_num_threads())).clamp(8, 256);
-    let tiles: Vec<Vec<f32>> = w
+    // Each task returns its tile of `out` (rows of `cols` columns), rounded to bf16.
+    let tiles: Vec<Vec<bf16>> = w
         .par_chunks(cols_per_task * k)
         .map(|wc| {
             let mut tile = vec![0f32; m * (wc.len() / k)];
-            small_tile(&xf, m, k, wc, &mut tile);
-            tile
+            small_tile(simd, &xf, m, k, wc, &mut tile);
+            tile.into_iter().map(bf16::from_f32).collect()
         })
         .collect();
     for (t, tile) in tiles.iter().enumerate() {
         let j0 = t * cols_per_task;
         let cols = tile.len() / m;
         for (i, row) in tile.chunks_exact(cols).enumerate() {
-            for (o, &v) in out[i * n + j0..i * n + j0 + cols].iter_mut().zip(row) {
-                *o = bf16::from_f32(v);
-            }
+            out[i * n + j0..i * n + j0 + cols].copy_from_slice(row);
         }
     }
 }

@@ -70,15 +70,31 @@ impl<T> From<Vec<T>> for CpuBuf<T> {
     }
 }
 
-/// The CPU backend. Stateless: the ops run on rayon's global pool (and matrixmultiply's
-/// threads for large GEMMs); scratch space is per thread and reused between calls.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend. The ops run on rayon's global pool (and matrixmultiply's threads for large
+/// GEMMs); scratch space is per thread and reused between calls.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuBackend {
+    /// Whether the AVX2+FMA kernels may run (they do only where the CPU has both).
+    simd: bool,
+}
 
 impl CpuBackend {
-    /// The CPU backend.
+    /// The CPU backend, with the AVX2+FMA kernels on CPUs that have them.
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { simd: true }
+    }
+
+    /// The same ops with the hand-written vector kernels switched off (plain loops only;
+    /// matrixmultiply's GEMM still picks its own): slower, but it lets the vector kernels be
+    /// checked against the plain ones on any machine.
+    pub fn plain() -> Self {
+        CpuBackend { simd: false }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -205,7 +221,11 @@ impl Backend for CpuBackend {
     type Buf<T: Elem> = CpuBuf<T>;
 
     fn name(&self) -> String {
-        "cpu".to_string()
+        if self.simd {
+            "cpu".to_string()
+        } else {
+            "cpu (plain)".to_string()
+        }
     }
 
     fn alloc<T: Elem>(&self, len: usize) -> Result<CpuBuf<T>> {
@@ -352,7 +372,7 @@ impl Backend for CpuBackend {
         k: usize,
         out: &mut CpuBuf<bf16>,
     ) -> Result<()> {
-        gemm::gemm(&x.0, &w.0, m, n, k, &mut out.0)
+        gemm::gemm(self.simd, &x.0, &w.0, m, n, k, &mut out.0)
     }
 
     fn prefill_attention(
@@ -370,6 +390,7 @@ impl Backend for CpuBackend {
         out: &mut CpuBuf<bf16>,
     ) -> Result<()> {
         attention::prefill_attention(
+            self.simd,
             &qkv.0,
             &k_cache.0,
             &v_cache.0,
@@ -397,6 +418,7 @@ impl Backend for CpuBackend {
         out: &mut CpuBuf<bf16>,
     ) -> Result<()> {
         attention::decode_attention(
+            self.simd,
             &qkv.0,
             &k_cache.0,
             &v_cache.0,
