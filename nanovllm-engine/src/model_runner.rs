@@ -316,6 +316,10 @@ impl<B: Backend> ModelRunner<B> {
     /// max_model_len`, which bounds every later step.
     fn capture_graphs(&mut self) -> Result<()> {
         let t = Instant::now();
+        // A backend without graphs answers an empty capture with `None`: skip the warm-up.
+        if self.be.capture_graph(&mut || Ok(()))?.is_none() {
+            return Ok(());
+        }
         let mut graphs = Vec::new();
         for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
             .iter()

@@ -534,7 +534,8 @@ struct BuiltRunner {
 }
 
 /// KV-cache budget of the CPU backend when `num_kvcache_blocks` is not given: host memory is
-/// shared with everything else, so the engine takes a fixed 2 GiB rather than a fraction.
+/// shared with everything else, so the engine takes at most 2 GiB (less when `max_num_seqs`
+/// sequences of `max_model_len` tokens need less) rather than a fraction.
 const CPU_KV_CACHE_BYTES: usize = 2 << 30;
 
 fn runner_on<B: Backend>(
@@ -595,7 +596,12 @@ fn build_runner(
         let block_bytes =
             KvCache::<CpuBackend>::bytes_per_block(&src.config, 1, config.kvcache_block_size);
         let min_blocks = config.max_model_len.div_ceil(config.kvcache_block_size);
-        config.num_kvcache_blocks = Some((CPU_KV_CACHE_BYTES / block_bytes).max(min_blocks));
+        let all_seqs_full = config.max_num_seqs * min_blocks;
+        config.num_kvcache_blocks = Some(
+            (CPU_KV_CACHE_BYTES / block_bytes)
+                .min(all_seqs_full)
+                .max(min_blocks),
+        );
     }
     runner_on(Arc::new(CpuBackend::new()), src, config, load_format, true)
 }

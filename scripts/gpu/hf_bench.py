@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """HF transformers' throughput on a slice of the bench.py workload (run on a GPU machine).
 
-Usage: hf_bench.py MODEL_DIR WORKLOAD_JSON NUM_SEQS MAX_NEW_TOKENS
-WORKLOAD_JSON holds {"prompts": [[ids...]...]} (nanovllm writes it with `bench --dump-workload`).
+Usage: hf_bench.py MODEL_DIR NUM_SEQS MAX_NEW_TOKENS
+The prompts are the first NUM_SEQS of bench.py's (Python's random.seed(0), as bench.py draws
+them; `nanovllm bench --num-seqs N` uses the same ones).
 Uses transformers' continuous-batching API (`generate_batch`, paged sdpa) when this version has
 it, else padded batched `generate`. Every request generates exactly MAX_NEW_TOKENS tokens
 (temperature 0.6, EOS ignored). Prints one JSON line with the throughput.
 """
 import json
+import random
 import sys
 import time
 
@@ -16,9 +18,10 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 
 def main():
-    path, workload, n, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    with open(workload) as f:
-        prompts = json.load(f)["prompts"][:n]
+    path, n, max_new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
+               for _ in range(256)][:n]
     cfg = GenerationConfig(
         max_new_tokens=max_new, min_new_tokens=max_new, do_sample=True, temperature=0.6,
         top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,

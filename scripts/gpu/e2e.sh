@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The end-to-end GPU check in one command, run from the repository root on a GPU machine:
+#   hf      nanovllm against HF transformers on random Qwen3 weights (scripts/gpu/hf_compare.py)
+#   bench   `nanovllm bench` on dummy Qwen3-0.6B (bench.py's workload)
+#   single  one sequence: 128-token prompt, 1,024 new tokens
+#   side    HF transformers and nanovllm on the same weights and a slice of the workload
+# Pick parts with E2E_PARTS (default: all). Expects gpu/bin/nanovllm (scripts/gpu/stage.sh).
+# Logs go to $OUT (default /tmp/nanovllm-e2e); a short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-/tmp/nanovllm-e2e}"
+models=/tmp/nanovllm-models
+bin=gpu/bin/nanovllm
+parts="${E2E_PARTS:-hf bench single side}"
+mkdir -p "$out" "$models"
+export PYTHONUNBUFFERED=1
+status=0
+summary=()
+
+has() { [[ " $parts " == *" $1 "* ]]; }
+field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$@"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+if has hf; then
+    timeout "${HF_TIMEOUT:-420}" python3 scripts/gpu/hf_compare.py "$bin" "$models" ${HF_QUICK:+--quick} \
+        2>&1 | tee "$out/hf_compare.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if has bench; then
+    timeout 300 "$bin" bench --json >"$out/bench.json" 2>"$out/bench.err" || { status=1; cat "$out/bench.err"; }
+    summary+=("bench.py workload (256 seqs): $(field "$out/bench.json" output_tokens_per_second) tok/s, \
+prefill $(field "$out/bench.json" prefill_seconds) s, decode $(field "$out/bench.json" decode_seconds) s, \
+cold start $(field "$out/bench.json" cold_start_seconds) s")
+fi
+if has single; then
+    timeout 120 "$bin" bench --num-seqs 1 --min-input-len 128 --max-input-len 128 \
+        --min-output-len 1024 --max-output-len 1024 --json >"$out/single.json" 2>"$out/single.err" \
+        || { status=1; cat "$out/single.err"; }
+    summary+=("single sequence 128+1024: $(field "$out/single.json" output_tokens_per_second) tok/s")
+fi
+if has side; then
+    model="$models/0.6b-28layers"
+    [ -f "$model/model.safetensors" ] || python3 -c "
+import sys; sys.path.insert(0, 'scripts/gpu'); import hf_compare as h
+h.build('0.6b-28layers', h.CONFIGS['0.6b-28layers'], '$models')"
+    n="${SIDE_SEQS:-64}"; len="${SIDE_LEN:-256}"
+    timeout 300 python3 scripts/gpu/hf_bench.py "$model" "$n" "$len" >"$out/hf_bench.json" 2>"$out/hf_bench.err" \
+        || { status=1; tail -5 "$out/hf_bench.err"; }
+    timeout 120 "$bin" bench --model "$model" --num-seqs "$n" --min-output-len "$len" --max-output-len "$len" \
+        --json >"$out/side.json" 2>"$out/side.err" || { status=1; cat "$out/side.err"; }
+    summary+=("side by side ($n seqs x $len tokens): HF $(field "$out/hf_bench.json" output_tokens_per_second) tok/s \
+[$(field "$out/hf_bench.json" api)], nanovllm $(field "$out/side.json" output_tokens_per_second) tok/s")
+fi
+
+echo
+echo "===== e2e summary ($(cat "$out/gpu.txt"))"
+[ -f "$out/hf_compare.log" ] && sed -n '/^HF comparison/,$p' "$out/hf_compare.log"
+for line in "${summary[@]}"; do echo "$line"; done
+exit $status
