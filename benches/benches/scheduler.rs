@@ -17,7 +17,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use nanovllm_engine::{
-    LLMEngine, ModelRunner, SamplingParams, SchedulerConfig, Sequence, StepOutput,
+    LLMEngine, SamplingParams, SchedulerConfig, Sequence, StepOutput, StepRunner,
 };
 use nanovllm_utils::Result;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ struct FakeRunner {
     steps: u32,
 }
 
-impl ModelRunner for FakeRunner {
+impl StepRunner for FakeRunner {
     fn run(&mut self, seqs: &[&Sequence], _is_prefill: bool) -> Result<Vec<u32>> {
         self.steps += 1;
         Ok(vec![1 + self.steps % 9_999; seqs.len()])

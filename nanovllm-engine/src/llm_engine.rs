@@ -2,10 +2,10 @@
 //! sequences out.
 //!
 //! Flow: [`LLMEngine::add_request`] validates a request and queues it as a [`Sequence`];
-//! [`LLMEngine::step`] runs `Scheduler::schedule` -> [`ModelRunner::run`] ->
+//! [`LLMEngine::step`] runs `Scheduler::schedule` -> [`StepRunner::run`] ->
 //! `Scheduler::postprocess` and reports new and finished tokens; [`LLMEngine::generate`] loops
 //! `step` until its prompts are done (nano-vLLM's `llm_engine.py`, without the tokenizer, which
-//! lives in the facade). The engine is written against the [`ModelRunner`] trait, so it runs with
+//! lives in the facade). The engine is written against the [`StepRunner`] trait, so it runs with
 //! the GPU runner, the CPU runner, or a fake one in tests.
 
 use crate::sampling_params::SamplingParams;
@@ -13,8 +13,10 @@ use crate::scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
 use crate::sequence::{FinishReason, Sequence};
 use nanovllm_utils::{Error, Result};
 
-/// Computes one step on the model and samples one token per sequence.
-pub trait ModelRunner {
+/// Computes one step on the model and samples one token per sequence: what the engine loop
+/// needs of a model runner. [`crate::model_runner::ModelRunner`] is the real one; tests use
+/// fakes.
+pub trait StepRunner {
     /// Runs one step on `seqs` (prefill chunks or one decode token each) and returns one sampled
     /// token per sequence (ignored for sequences whose prompt is not yet fully computed).
     ///
@@ -35,7 +37,7 @@ pub trait ModelRunner {
     }
 }
 
-impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
+impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
     fn run(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
         (**self).run(seqs, is_prefill)
     }
@@ -91,7 +93,7 @@ pub struct StepOutput {
 }
 
 /// The inference engine over a model runner `R` (nano-vLLM's `LLMEngine`).
-pub struct LLMEngine<R: ModelRunner> {
+pub struct LLMEngine<R: StepRunner> {
     runner: R,
     scheduler: Scheduler,
     config: SchedulerConfig,
@@ -101,7 +103,7 @@ pub struct LLMEngine<R: ModelRunner> {
     batch: ScheduledBatch,
 }
 
-impl<R: ModelRunner> std::fmt::Debug for LLMEngine<R> {
+impl<R: StepRunner> std::fmt::Debug for LLMEngine<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LLMEngine")
             .field("config", &self.config)
@@ -121,7 +123,7 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl<R: ModelRunner> LLMEngine<R> {
+impl<R: StepRunner> LLMEngine<R> {
     /// An engine over `runner`, whose KV cache holds `runner.num_kvcache_blocks()` blocks of
     /// `config.block_size` tokens. A generated token in `eos_token_ids` ends a request unless it
     /// sets `ignore_eos`.
@@ -441,7 +443,7 @@ mod tests {
         }
     }
 
-    impl ModelRunner for FakeRunner {
+    impl StepRunner for FakeRunner {
         fn run(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
             if self.fail {
                 return Err(Error::Cuda("injected".to_string()));

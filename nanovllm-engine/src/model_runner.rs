@@ -22,7 +22,7 @@ use nanovllm_layers::tp::{SingleRank, TpComm};
 use nanovllm_models::qwen3::{KvCache, Qwen3ForCausalLM, Workspace};
 use nanovllm_utils::{EngineConfig, Error, ModelConfig, Result, Weights};
 
-use crate::llm_engine::ModelRunner as StepRunner;
+use crate::llm_engine::StepRunner;
 use crate::sequence::Sequence;
 
 /// Where the weights come from.

@@ -13,7 +13,7 @@
 //! - it checks each batch against the scheduler's limits.
 
 use nanovllm_engine::{
-    FinishReason, LLMEngine, ModelRunner, SamplingParams, SchedulerConfig, Sequence,
+    FinishReason, LLMEngine, SamplingParams, SchedulerConfig, Sequence, StepRunner,
 };
 use nanovllm_utils::Result;
 use rand::rngs::StdRng;
@@ -95,7 +95,7 @@ impl FakeRunner {
     }
 }
 
-impl ModelRunner for FakeRunner {
+impl StepRunner for FakeRunner {
     fn run(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
         let bs = self.config.block_size;
         self.steps += 1;

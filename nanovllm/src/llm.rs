@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use nanovllm_engine::llm_engine::{LLMEngine, ModelRunner as StepRunner, StepOutput};
+use nanovllm_engine::llm_engine::{LLMEngine, StepOutput, StepRunner};
 use nanovllm_engine::model_runner::{LoadFormat, ModelRunner, RunnerStats};
 use nanovllm_engine::sampling_params::SamplingParams;
 use nanovllm_engine::scheduler::SchedulerConfig;
