@@ -389,7 +389,7 @@ fn real_main() -> Result<()> {
             &mut |_| g.embedding(&ids, tokens, &emb, 0, vocab, hidden, &mut out),
         );
         let x = b.randn(tokens * hidden, 1.0)?;
-        let idx: Vec<i32> = (0..256).map(|i| (i * 64 + 63) as i32).collect();
+        let idx: Vec<i32> = (0..256).map(|i| i * 64 + 63).collect();
         let idx = g.from_host(&idx)?;
         let mut o = g.alloc::<bf16>(256 * hidden)?;
         b.run(
