@@ -107,7 +107,8 @@ fn greedy_matches_hf_in_every_engine_mode() {
     let cases = cases();
     let n = cases[0].greedy.len();
     let mut reference: Option<Vec<Vec<u32>>> = None;
-    let modes: Vec<(&str, Box<dyn Fn(&mut EngineConfig)>)> = vec![
+    type Tweak = Box<dyn Fn(&mut EngineConfig)>;
+    let modes: Vec<(&str, Tweak)> = vec![
         ("default", Box::new(|_| {})),
         (
             "no prefix caching",
@@ -263,14 +264,14 @@ fn seeded_sampling_is_reproducible_at_any_batch_position() {
     let ab = llm
         .generate(
             &[Prompt::Tokens(a.clone()), Prompt::Tokens(b.clone())],
-            &[params.clone()],
+            std::slice::from_ref(&params),
             false,
         )
         .unwrap();
     let ba = llm
         .generate(
             &[Prompt::Tokens(b.clone()), Prompt::Tokens(a.clone())],
-            &[params.clone()],
+            std::slice::from_ref(&params),
             false,
         )
         .unwrap();

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds the GPU op tools here (no GPU needed) and stages them, stripped, in gpu/bin/ (a
-# git-ignored folder) for scripts/gpu/ops.sh to run on a GPU machine.
+# Builds the GPU tools here (no GPU needed) and stages them, stripped, in gpu/bin/ (a
+# git-ignored folder that travels to the GPU machine): the `nanovllm` command for
+# scripts/gpu/e2e.sh, and op_check / op_bench / attn_check for scripts/gpu/ops.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 target="${CARGO_TARGET_DIR:-target}"
-cargo build --release -p nanovllm-kernels --examples
+cargo build --release -p nanovllm -p nanovllm-kernels --bins --examples
 mkdir -p gpu/bin
-for ex in op_check op_bench; do
+cp "$target/release/nanovllm" gpu/bin/
+for ex in op_check op_bench attn_check; do
     cp "$target/release/examples/$ex" gpu/bin/
-    strip gpu/bin/$ex
 done
-ls -l gpu/bin/op_check gpu/bin/op_bench
+strip gpu/bin/*
+ls -l gpu/bin
