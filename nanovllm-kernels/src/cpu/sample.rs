@@ -2,16 +2,22 @@
 //! top-k / top-p candidates, with the counter-based Philox draws the CUDA sampler uses, so that
 //! both backends draw the same token for the same (seed, step).
 //!
-//! The Gumbel noise `-ln(-ln(u))` is bounded above ([`GUMBEL_MAX`]) because `u` never exceeds
-//! `1 - 2^-24`, so a token whose `logit / T` trails the best score found so far by more than
-//! that bound cannot win and its draw is skipped. The result is exactly the full argmax;
-//! with a peaked distribution most of the vocabulary is skipped.
+//! Two exact shortcuts keep it cheap without changing the result (the argmax over every
+//! candidate's score):
+//! * The Gumbel noise `-ln(-ln(u))` is bounded above ([`GUMBEL_MAX`]) because `u` never
+//!   exceeds `1 - 2^-24`, so a token whose `logit / T` trails the best score found so far by
+//!   more than that bound cannot win: with a peaked distribution most of the vocabulary is
+//!   skipped.
+//! * Over the whole vocabulary (no top-k or top-p cut), the draws are computed 8 at a time in
+//!   vector registers, and a draw too small to win even for the most likely token
+//!   ([`draw_floor`]) skips its two logarithms: with a flat distribution (random weights)
+//!   nearly every draw is skipped that way.
 
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 use rayon::prelude::*;
 
-use super::simd::f32_of;
+use super::simd::{f32_of, multiversion, Isa};
 use super::{numel, prefix, prefix_mut};
 use crate::backend::philox_uniform;
 
@@ -111,46 +117,84 @@ fn argmax(row: &[bf16]) -> u32 {
 
 /// Gumbel-max over the candidates of one row (top-k cut to `k`, top-p cut to `top_p`).
 fn sample_row(row: &[bf16], t: f32, k: usize, top_p: f32, seed: u64, step: u32) -> u32 {
-    let vocab = row.len();
-    // Candidates first by descending logit, then by ascending index (ties at the top-k
-    // boundary keep the lowest indices).
-    let by_rank = |a: &u32, b: &u32| logit(row, *b).total_cmp(&logit(row, *a)).then(a.cmp(b));
-    let score = |i: u32| logit(row, i) / t - (-philox_uniform(seed, step, i).ln()).ln();
-
-    if k == vocab && top_p >= 1.0 {
-        let top = argmax(row);
-        return gumbel_max(0..vocab as u32, top, row, t, &score);
+    if k == row.len() && top_p >= 1.0 {
+        return gumbel_max_all(true, row, t, seed, step);
     }
-    let mut cand: Vec<u32> = (0..vocab as u32).collect();
-    if k < vocab {
-        cand.select_nth_unstable_by(k - 1, by_rank);
-        cand.truncate(k);
-    }
-    if top_p < 1.0 {
-        cand.sort_unstable_by(by_rank);
-        let top = logit(row, cand[0]) / t;
-        if top.is_finite() {
-            // Softmax at temperature t over the candidates, in rank order; keep a token while
-            // the probability of those before it is below top_p (so at least one).
-            let e: Vec<f32> = cand
-                .iter()
-                .map(|&i| (logit(row, i) / t - top).exp())
-                .collect();
-            let z: f32 = e.iter().sum();
-            let mut before = e[0];
-            let mut keep = 1;
-            while keep < cand.len() && before / z < top_p {
-                before += e[keep];
-                keep += 1;
-            }
-            cand.truncate(keep);
+    let mut cand = ranked(row, k);
+    let top = logit(row, cand[0]) / t;
+    if top_p < 1.0 && top.is_finite() {
+        // Softmax at temperature t over the candidates, in rank order; keep a token while the
+        // probability of those before it is below top_p (so at least one).
+        let e: Vec<f32> = cand
+            .iter()
+            .map(|&i| (logit(row, i) / t - top).exp())
+            .collect();
+        let z: f32 = e.iter().sum();
+        let mut before = e[0];
+        let mut keep = 1;
+        while keep < cand.len() && before / z < top_p {
+            before += e[keep];
+            keep += 1;
         }
+        cand.truncate(keep);
     }
-    let top = *cand.iter().min_by(|a, b| by_rank(a, b)).unwrap_or(&0);
-    gumbel_max(cand.into_iter(), top, row, t, &score)
+    let draw = |i: u32| score(row, t, i, philox_uniform(seed, step, i));
+    gumbel_max(cand.iter().copied(), cand[0], row, t, &draw)
 }
 
-/// `argmax_i score(i)` over `cands` (lowest index on ties), skipping draws that cannot win;
+/// The rank of a logit as a 16-bit key, smaller first: descending value, with NaN ranked as
+/// -inf and -0 as +0 (the order [`logit`] compares in).
+#[inline]
+fn rank_key(x: bf16) -> u16 {
+    let bits = match x.to_bits() {
+        _ if x.is_nan() => bf16::NEG_INFINITY.to_bits(),
+        0x8000 => 0,
+        b => b,
+    };
+    // Sign-magnitude to an increasing unsigned code, then reversed.
+    let ascending = if bits & 0x8000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000
+    };
+    !ascending
+}
+
+/// The `k` (at least 1) highest-ranked tokens of `row`, in rank order: descending logit, then
+/// ascending index (so ties at the top-k boundary keep the lowest indices). A counting sort
+/// over the 2^16 bf16 values: two passes over the row, no comparisons.
+fn ranked(row: &[bf16], k: usize) -> Vec<u32> {
+    let mut start = vec![0u32; 1 << 16];
+    for &x in row {
+        start[rank_key(x) as usize] += 1;
+    }
+    // Counts to first positions, up to the key in which the k-th token falls.
+    let mut last = 0;
+    let mut placed = 0u32;
+    for (key, slot) in start.iter_mut().enumerate() {
+        let count = *slot;
+        *slot = placed;
+        placed += count;
+        if placed as usize >= k {
+            last = key;
+            break;
+        }
+    }
+    let mut out = vec![0u32; k];
+    for (i, &x) in row.iter().enumerate() {
+        let key = rank_key(x) as usize;
+        if key <= last {
+            let pos = start[key] as usize;
+            if pos < k {
+                out[pos] = i as u32;
+                start[key] += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `argmax_i score(i)` over `cands` (lowest index on ties), skipping tokens that cannot win;
 /// `top` is a candidate with the largest logit, scored first so that skipping starts early.
 fn gumbel_max(
     cands: impl Iterator<Item = u32>,
@@ -172,9 +216,137 @@ fn gumbel_max(
     best.1
 }
 
+/// Philox4x32-10 round constants (as in [`crate::backend::philox4x32`]).
+const PHILOX_M: [u32; 2] = [0xD251_1F53, 0xCD9E_8D57];
+const PHILOX_W: [u32; 2] = [0x9E37_79B9, 0xBB67_AE85];
+
+/// [`philox_uniform`] for the 8 indices `i0..i0 + 8`, computed in lockstep so that the
+/// compiler vectorizes the rounds; bit-for-bit the same values.
+#[inline(always)]
+fn philox_uniform_x8(seed: u64, step: u32, i0: u32) -> [f32; 8] {
+    let mut c: [[u32; 8]; 4] = [
+        std::array::from_fn(|l| i0.wrapping_add(l as u32)),
+        [step; 8],
+        [0; 8],
+        [0; 8],
+    ];
+    let mut key = [seed as u32, (seed >> 32) as u32];
+    for _ in 0..10 {
+        for l in 0..8 {
+            let p0 = PHILOX_M[0] as u64 * c[0][l] as u64;
+            let p1 = PHILOX_M[1] as u64 * c[2][l] as u64;
+            let next = [
+                (p1 >> 32) as u32 ^ c[1][l] ^ key[0],
+                p1 as u32,
+                (p0 >> 32) as u32 ^ c[3][l] ^ key[1],
+                p0 as u32,
+            ];
+            for (w, n) in c.iter_mut().zip(next) {
+                w[l] = n;
+            }
+        }
+        key[0] = key[0].wrapping_add(PHILOX_W[0]);
+        key[1] = key[1].wrapping_add(PHILOX_W[1]);
+    }
+    c[0].map(|x| ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0))
+}
+
+/// The Gumbel-max score of token `i`: `logit / t - ln(-ln(u_i))` in f32.
+#[inline(always)]
+fn score(row: &[bf16], t: f32, i: u32, u: f32) -> f32 {
+    logit(row, i) / t - (-u.ln()).ln()
+}
+
+/// A draw below which no token can beat the score `best` when no `logit / t` exceeds
+/// `top`: the score is increasing in the draw, and `logit / t + G(u) < best` for every token
+/// once `G(u) = -ln(-ln u) < best - top`. The margin (far above the few ulps the f32 score
+/// can be off by) keeps the skip exact; the result is rounded down.
+fn draw_floor(best: f32, top: f32) -> f32 {
+    let margin = 1e-3 + 1e-5 * (best.abs() as f64 + top.abs() as f64);
+    let g = best as f64 - top as f64 - margin;
+    let u = (-(-g).exp()).exp();
+    let f = u as f32;
+    if f as f64 > u {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    }
+}
+
+multiversion! {
+    /// Gumbel-max over the whole vocabulary of `row` (no top-k or top-p cut).
+    fn gumbel_max_all = gumbel_max_all_impl / gumbel_max_all_avx2(
+        row: &[bf16],
+        t: f32,
+        seed: u64,
+        step: u32,
+    ) -> u32
+}
+
+/// Draws come 8 at a time; a draw below [`draw_floor`] of the best score so far (or a token
+/// whose `logit / t` trails it by more than [`GUMBEL_MAX`]) cannot win, so its logarithms are
+/// skipped. The best score starts at the most likely token's, so that few draws survive.
+#[inline(always)]
+fn gumbel_max_all_impl<I: Isa>(_isa: I, row: &[bf16], t: f32, seed: u64, step: u32) -> u32 {
+    let vocab = row.len();
+    let top = argmax(row);
+    let top_a = logit(row, top) / t;
+    let mut best = (score(row, t, top, philox_uniform(seed, step, top)), top);
+    let mut floor = draw_floor(best.0, top_a);
+    for i0 in (0..vocab).step_by(8) {
+        let draws = philox_uniform_x8(seed, step, i0 as u32);
+        for (l, &u) in draws.iter().enumerate().take(vocab - i0) {
+            let i = (i0 + l) as u32;
+            if u < floor || logit(row, i) / t + GUMBEL_MAX < best.0 {
+                continue;
+            }
+            let s = score(row, t, i, u);
+            if s > best.0 || (s == best.0 && i < best.1) {
+                best = (s, i);
+                floor = draw_floor(best.0, top_a);
+            }
+        }
+    }
+    best.1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batched_philox_matches_the_definition() {
+        for (seed, step) in [
+            (0u64, 0u32),
+            (42, 7),
+            (u64::MAX, u32::MAX),
+            (0x1234_5678_9abc, 99),
+        ] {
+            for i0 in [0u32, 8, 1000, u32::MAX - 7] {
+                let got = philox_uniform_x8(seed, step, i0);
+                for (l, &u) in got.iter().enumerate() {
+                    assert_eq!(u, philox_uniform(seed, step, i0 + l as u32));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn draws_below_the_floor_cannot_win() {
+        for &(best, top) in &[
+            (3.0f32, 1.0f32),
+            (20.0, 5.0),
+            (-40.0, -55.0),
+            (1e4, 1e4 - 12.0),
+        ] {
+            let floor = draw_floor(best, top);
+            assert!(floor > 0.0 && floor < 1.0);
+            // The largest draw below the floor scores below best even for the top token.
+            let u = f32::from_bits(floor.to_bits() - 1);
+            assert!(top - (-u.ln()).ln() < best, "best {best} top {top}");
+        }
+        assert_eq!(draw_floor(0.0, 100.0), 0.0);
+    }
 
     /// The largest uniform Philox can return is `(2^23 - 0.5) / 2^23`; its Gumbel noise must
     /// stay below the bound the sampler skips draws with.
