@@ -35,6 +35,20 @@ pub trait StepRunner {
             "this model runner cannot score prompts".into(),
         ))
     }
+
+    /// Where the runner's time went so far (zeros for runners that do not measure).
+    fn profile(&self) -> RunnerProfile {
+        RunnerProfile::default()
+    }
+}
+
+/// Where a model runner's time went, accumulated over its steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunnerProfile {
+    /// Seconds building the step's inputs on the host and copying them to the device.
+    pub prepare_seconds: f64,
+    /// Seconds from queuing the step's device work to having its tokens on the host.
+    pub execute_seconds: f64,
 }
 
 impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
@@ -48,6 +62,10 @@ impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
 
     fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         (**self).score(tokens)
+    }
+
+    fn profile(&self) -> RunnerProfile {
+        (**self).profile()
     }
 }
 

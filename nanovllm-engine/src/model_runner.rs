@@ -22,7 +22,7 @@ use nanovllm_layers::tp::{SingleRank, TpComm};
 use nanovllm_models::qwen3::{KvCache, Qwen3ForCausalLM, Workspace};
 use nanovllm_utils::{EngineConfig, Error, ModelConfig, Result, Weights};
 
-use crate::llm_engine::StepRunner;
+use crate::llm_engine::{RunnerProfile, StepRunner};
 use crate::sequence::Sequence;
 
 /// Where the weights come from.
@@ -173,6 +173,7 @@ pub struct ModelRunner<B: Backend> {
     /// Captured decode graphs, ascending by batch size.
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
     stats: RunnerStats,
+    profile: RunnerProfile,
 }
 
 impl<B: Backend> StepBuffers<B> {
@@ -272,6 +273,7 @@ impl<B: Backend> ModelRunner<B> {
             limits,
             vocab_size: model_config.vocab_size,
             graphs: Vec::new(),
+            profile: RunnerProfile::default(),
             stats: RunnerStats {
                 weight_bytes: nanovllm_models::qwen3::weight_bytes(model_config),
                 num_kvcache_blocks: num_blocks,
@@ -522,8 +524,11 @@ impl<B: Backend> ModelRunner<B> {
     /// sequence comes back.
     pub fn run_step(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
         let n = seqs.len();
+        let t0 = Instant::now();
+        let prepared_before = self.profile.prepare_seconds;
         if is_prefill {
             let shape = self.prepare_prefill(seqs)?;
+            self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
             self.run_ops(true, shape)?;
         } else {
             let graph = self.graphs.iter().position(|(bs, _)| *bs >= n);
@@ -531,16 +536,20 @@ impl<B: Backend> ModelRunner<B> {
                 Some(i) => {
                     let bs = self.graphs[i].0;
                     self.prepare_decode(seqs, bs)?;
+                    self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.graphs[i].1.replay()?;
                 }
                 None => {
                     let shape = self.prepare_decode(seqs, n)?;
+                    self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.run_ops(false, shape)?;
                 }
             }
         }
         self.sampled_host.resize(n, 0);
         self.be.dtoh(&self.sampled, &mut self.sampled_host)?;
+        let prepare = self.profile.prepare_seconds - prepared_before;
+        self.profile.execute_seconds += t0.elapsed().as_secs_f64() - prepare;
         Ok(self.sampled_host.clone())
     }
 }
@@ -622,6 +631,10 @@ impl<B: Backend> StepRunner for ModelRunner<B> {
 
     fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         ModelRunner::score(self, tokens)
+    }
+
+    fn profile(&self) -> RunnerProfile {
+        self.profile
     }
 }
 

@@ -54,6 +54,12 @@ pub struct BenchReport {
     pub decode_seconds: f64,
     /// Decode steps.
     pub decode_steps: usize,
+    /// Seconds the model runner spent building inputs and copying them to the device.
+    pub runner_prepare_seconds: f64,
+    /// Seconds from queuing device work to having the sampled tokens on the host.
+    pub runner_execute_seconds: f64,
+    /// Seconds of engine work outside the runner (scheduling, postprocessing, outputs).
+    pub engine_host_seconds: f64,
     /// Seconds from process start to engine ready.
     pub cold_start_seconds: f64,
     /// Seconds spent generating or loading weights.
@@ -121,11 +127,15 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
         })
         .collect();
     llm.reset_step_stats();
+    let profile_before = llm.runner_profile();
     let t = Instant::now();
     let outputs = llm.generate(&prompts, &params, false)?;
     let seconds = t.elapsed().as_secs_f64();
     let output_tokens: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
     let stats = llm.step_stats();
+    let profile = llm.runner_profile();
+    let prepare = profile.prepare_seconds - profile_before.prepare_seconds;
+    let execute = profile.execute_seconds - profile_before.execute_seconds;
     let info = llm.info();
     let report = BenchReport {
         device: info.device.clone(),
@@ -137,6 +147,9 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
         prefill_seconds: stats.prefill_seconds,
         decode_seconds: stats.decode_seconds,
         decode_steps: stats.decode_steps,
+        runner_prepare_seconds: prepare,
+        runner_execute_seconds: execute,
+        engine_host_seconds: (seconds - prepare - execute).max(0.0),
         cold_start_seconds: cold_start,
         weights_seconds: info.runner.load_seconds,
         graph_capture_seconds: info.runner.capture_seconds,
@@ -169,6 +182,13 @@ fn print_report(r: &BenchReport) {
     println!(
         "prefill {:.3}s, decode {:.3}s over {} steps",
         r.prefill_seconds, r.decode_seconds, r.decode_steps
+    );
+    println!(
+        "host work: prepare {:.3}s, engine {:.3}s ({:.1}% of the run); device + copies {:.3}s",
+        r.runner_prepare_seconds,
+        r.engine_host_seconds,
+        100.0 * (r.runner_prepare_seconds + r.engine_host_seconds) / r.seconds,
+        r.runner_execute_seconds
     );
     println!(
         "cold start {:.2}s (weights {:.2}s, graph capture {:.2}s); KV cache {} blocks, {:.2} GiB; \

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use nanovllm_engine::llm_engine::{LLMEngine, StepOutput, StepRunner};
+use nanovllm_engine::llm_engine::{LLMEngine, RunnerProfile, StepOutput, StepRunner};
 use nanovllm_engine::model_runner::{LoadFormat, ModelRunner, RunnerStats};
 use nanovllm_engine::sampling_params::SamplingParams;
 use nanovllm_engine::scheduler::SchedulerConfig;
@@ -271,6 +271,11 @@ impl LLM {
     /// Time spent in prefill and decode steps since the last [`reset_step_stats`](Self::reset_step_stats).
     pub fn step_stats(&self) -> StepStats {
         self.step_stats
+    }
+
+    /// Where the model runner's time went since start-up.
+    pub fn runner_profile(&self) -> RunnerProfile {
+        self.engine.runner().profile()
     }
 
     /// Zeroes the step statistics.

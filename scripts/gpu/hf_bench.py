@@ -29,7 +29,7 @@ def main():
     api = None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16, attn_implementation="sdpa_paged").cuda().eval()
+            path, dtype=torch.bfloat16, attn_implementation="paged|sdpa").cuda().eval()
         if hasattr(model, "generate_batch"):
             cfg.num_blocks = 4096
             cfg.block_size = 256

@@ -76,6 +76,10 @@ pub(super) struct Gemm {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    /// The algorithm tuning chose per (M rounded up to a power of two, n, k). Prefill steps
+    /// come with every M, so tuning each exact shape would stall every new step on timing
+    /// runs; a shape reuses its bucket's choice when the heuristic offers it too.
+    tuned: Mutex<HashMap<(usize, usize, usize), sys::cublasLtMatmulAlgo_t>>,
 }
 
 // SAFETY: the handle and the plans' descriptors are plain host objects of cuBLASLt. Every use
@@ -114,6 +118,7 @@ impl Gemm {
             handle,
             workspace,
             plans: Mutex::new(HashMap::new()),
+            tuned: Mutex::new(HashMap::new()),
         })
     }
 
@@ -314,7 +319,22 @@ impl Gemm {
                     .map_err(|e| driver_err("gemm: capture status", e))?
                     != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
                 if !capturing && candidates.len() > 1 && worth_tuning(m, n, k) {
-                    self.tune(stream, &mut plan, &candidates, bufs)?;
+                    let mut tuned = self
+                        .tuned
+                        .lock()
+                        .map_err(|_| Error::Cuda("gemm: tuning lock poisoned".into()))?;
+                    match tuned.entry((m.next_power_of_two(), n, k)) {
+                        Entry::Occupied(best) => {
+                            let best = best.get();
+                            if candidates.iter().any(|c| c.data == best.data) {
+                                plan.algo = *best;
+                            }
+                        }
+                        Entry::Vacant(slot) => {
+                            self.tune(stream, &mut plan, &candidates, bufs)?;
+                            slot.insert(plan.algo);
+                        }
+                    }
                 }
                 e.insert(plan)
             }
