@@ -10,8 +10,8 @@
 //!   `matrixmultiply::sgemm`, which packs, blocks for cache and uses its own threads; each
 //!   panel of the result is rounded to bf16 into its columns of `out`.
 //!
-//! `SMALL_M` is where the two measured about even on a 2-core AVX2 machine (Qwen3-0.6B
-//! shapes): below it, widening a weight panel costs more than sgemm saves.
+//! `SMALL_M` is where the two measured about even on two cores of a Xeon (AVX2 kernels,
+//! Qwen3-0.6B shapes): below it, widening a weight panel costs more than sgemm saves.
 
 use std::cell::RefCell;
 
@@ -25,7 +25,10 @@ use super::{numel, prefix, prefix_mut};
 const OP: &str = "gemm";
 
 /// Up to this many rows of `x`, the dot-product path is faster than widening `w` for sgemm.
-const SMALL_M: usize = 48;
+const SMALL_M: usize = 32;
+
+/// f32 elements of `x` the dot-product path keeps in L1 at a time (32 KiB).
+const X_BLOCK_ELEMS: usize = 8192;
 
 /// Rows of `x` widened at a time on the sgemm path (bounds the f32 copy of `x`).
 const M_BLOCK: usize = 1024;
@@ -101,19 +104,25 @@ multiversion! {
 #[inline(always)]
 fn small_tile_impl<I: Isa>(isa: I, xf: &[f32], m: usize, k: usize, wc: &[bf16], tile: &mut [f32]) {
     let cols = wc.len() / k;
-    for (j, wr) in wc.chunks_exact(k).enumerate() {
-        let mut i = 0;
-        while i + 4 <= m {
-            let d = isa.dots::<4>(&xf[i * k..], k, wr);
-            for (r, v) in d.into_iter().enumerate() {
-                tile[(i + r) * cols + j] = v;
+    // Blocks of rows of x (a multiple of 4, about 32 KiB) stay in L1 while the chunk's weight
+    // rows (in L2 after the first block) stream past.
+    let block = (X_BLOCK_ELEMS / k / 4 * 4).clamp(4, 16);
+    for i0 in (0..m).step_by(block) {
+        let i1 = (i0 + block).min(m);
+        for (j, wr) in wc.chunks_exact(k).enumerate() {
+            let mut i = i0;
+            while i + 4 <= i1 {
+                let d = isa.dots::<4>(&xf[i * k..], k, wr);
+                for (r, v) in d.into_iter().enumerate() {
+                    tile[(i + r) * cols + j] = v;
+                }
+                i += 4;
             }
-            i += 4;
-        }
-        while i < m {
-            let [v] = isa.dots::<1>(&xf[i * k..], k, wr);
-            tile[i * cols + j] = v;
-            i += 1;
+            while i < i1 {
+                let [v] = isa.dots::<1>(&xf[i * k..], k, wr);
+                tile[i * cols + j] = v;
+                i += 1;
+            }
         }
     }
 }
