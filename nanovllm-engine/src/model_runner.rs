@@ -246,6 +246,15 @@ impl<B: Backend> ModelRunner<B> {
             }
         };
         let need = limits.max_blocks_per_seq;
+        if config.num_kvcache_blocks.is_some() && num_blocks < need {
+            return Err(Error::EngineConfig {
+                option: "num_kvcache_blocks",
+                msg: format!(
+                    "{num_blocks} blocks of {block_size} tokens cannot hold one sequence of \
+                     max_model_len {max_model_len}, which needs {need}"
+                ),
+            });
+        }
         if num_blocks < need {
             let (free, total) = be.memory_info()?;
             return Err(Error::OutOfMemory(format!(

@@ -4,6 +4,7 @@
 #   bench   `nanovllm bench` on dummy Qwen3-0.6B (bench.py's workload)
 #   single  one sequence: 128-token prompt, 1,024 new tokens
 #   side    HF transformers and nanovllm on the same weights and a slice of the workload
+#   cli     `nanovllm generate` and `nanovllm chat` on the GPU, and clear errors for bad input
 # Pick parts with E2E_PARTS (default: all). Expects gpu/bin/nanovllm (scripts/gpu/stage.sh).
 # Logs go to $OUT (default /tmp/nanovllm-e2e); a short table is printed last.
 set -uo pipefail
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/nanovllm-e2e}"
 models=/tmp/nanovllm-models
 bin=gpu/bin/nanovllm
-parts="${E2E_PARTS:-hf bench single side}"
+parts="${E2E_PARTS:-hf bench single side cli}"
 mkdir -p "$out" "$models"
 export PYTHONUNBUFFERED=1
 status=0
@@ -67,8 +68,25 @@ h.build('0.6b-28layers', h.CONFIGS['0.6b-28layers'], '$models')"
 [$(field "$out/hf_bench.json" api)], nanovllm $(field "$out/side.json" output_tokens_per_second) tok/s")
 fi
 
+if has cli; then
+    cli_ok=1
+    timeout 60 "$bin" generate --prompt "The capital of France is" --chat --max-tokens 24 --seed 1 \
+        >"$out/generate.txt" 2>&1 || cli_ok=0
+    printf 'Hello there\nWhat is 2+2?\n\n' | timeout 60 "$bin" chat --max-tokens 16 \
+        >"$out/chat.txt" 2>&1 || cli_ok=0
+    # Bad input: each must fail with a message and a non-zero exit, never a panic.
+    for args in "--model /nonexistent" "--temperature=-1" "--top-p 0" "--max-model-len 100000 --num-kvcache-blocks 1"; do
+        if timeout 60 "$bin" generate --prompt hi $args >"$out/err.txt" 2>&1; then cli_ok=0; fi
+        grep -q "^error: " "$out/err.txt" && ! grep -q panicked "$out/err.txt" || cli_ok=0
+        echo "nanovllm generate $args -> $(grep '^error: ' "$out/err.txt" | head -1)" >>"$out/errors.txt"
+    done
+    [ "$cli_ok" -eq 1 ] || status=1
+    summary+=("cli: generate + chat + 4 bad inputs: $([ "$cli_ok" -eq 1 ] && echo PASS || echo FAIL)")
+fi
+
 echo
 echo "===== e2e summary ($(cat "$out/gpu.txt"))"
 [ -f "$out/hf_compare.log" ] && sed -n '/^HF comparison/,$p' "$out/hf_compare.log"
 for line in "${summary[@]}"; do echo "$line"; done
+[ -f "$out/errors.txt" ] && cat "$out/errors.txt"
 exit $status
