@@ -1,7 +1,7 @@
 //! ModelRunner: turns a scheduled batch of sequences into one forward pass and one sampled
 //! token per sequence.
 //!
-//! Flow: `LLMEngine::step` -> `Scheduler::schedule` -> [`ModelRunner::run`] ->
+//! Flow: `LLMEngine::step` -> `Scheduler::schedule` -> [`ModelRunner::run_step`] ->
 //! `prepare_prefill` / `prepare_decode` (host vectors copied into fixed device buffers) ->
 //! `Qwen3ForCausalLM::forward` -> `compute_logits` -> `Sampler` -> token ids back to the host.
 //!
@@ -673,4 +673,33 @@ fn push_block_table(dst: &mut Vec<i32>, table: &[u32], width: usize) -> Result<(
 
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanovllm_kernels::cpu::CpuBackend;
+
+    #[test]
+    fn graph_buckets_follow_nano_vllm() {
+        type R = ModelRunner<CpuBackend>;
+        assert_eq!(R::graph_batch_sizes(1), vec![1]);
+        assert_eq!(R::graph_batch_sizes(6), vec![1, 2, 4, 6]);
+        assert_eq!(R::graph_batch_sizes(40), vec![1, 2, 4, 8, 16, 32, 40]);
+        let full = R::graph_batch_sizes(512);
+        assert_eq!(full.len(), 4 + 32);
+        assert_eq!(full[4..8], [16, 32, 48, 64]);
+        assert_eq!(full.last(), Some(&512));
+    }
+
+    #[test]
+    fn slots_and_block_tables() {
+        assert_eq!(slot(&[7, 3], 0, 16).unwrap(), 7 * 16);
+        assert_eq!(slot(&[7, 3], 17, 16).unwrap(), 3 * 16 + 1);
+        assert!(slot(&[7, 3], 32, 16).is_err());
+        let mut t = Vec::new();
+        push_block_table(&mut t, &[5, 9], 4).unwrap();
+        assert_eq!(t, [5, 9, -1, -1]);
+        assert!(push_block_table(&mut t, &[1, 2, 3], 2).is_err());
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! `LLM::new` resolves the model (a folder with config.json and weights, or a built-in name
 //! such as `qwen3-0.6b` for dummy weights), picks the device, builds the
-//! [`ModelRunner`](nanovllm_engine::model_runner::ModelRunner) and the engine loop, and loads
+//! [`nanovllm_engine::model_runner::ModelRunner`] and the engine loop, and loads
 //! the tokenizer. `generate` runs prompts to completion with a progress bar showing prefill and
 //! decode throughput; `add_request` + `step` is the streaming form.
 
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use nanovllm_engine::block_manager::PrefixCacheStats;
 use nanovllm_engine::llm_engine::{LLMEngine, RunnerProfile, StepOutput, StepRunner};
 use nanovllm_engine::model_runner::{LoadFormat, ModelRunner, RunnerStats};
 use nanovllm_engine::sampling_params::SamplingParams;
@@ -449,6 +450,24 @@ impl LLM {
         self.engine.abort(request_id)
     }
 
+    /// The engine's load at this moment, for monitoring (e.g. the server's `/metrics`).
+    pub fn metrics(&self) -> EngineMetrics {
+        let scheduler = self.engine.scheduler();
+        let blocks = scheduler.block_manager();
+        EngineMetrics {
+            num_running: scheduler.num_running(),
+            num_waiting: scheduler.num_waiting(),
+            kv_blocks_used: blocks.num_used_blocks(),
+            kv_blocks_total: blocks.num_blocks(),
+            prefix_cache: blocks.prefix_cache_stats(),
+        }
+    }
+
+    /// Longest sequence (prompt + output) the engine accepts, after capping by the model.
+    pub fn max_model_len(&self) -> usize {
+        self.engine.config().max_model_len
+    }
+
     /// Generates for one prompt, calling `on_text` with each newly completed piece of text
     /// (never half a character), and returns the whole text.
     pub fn stream_text(
@@ -494,6 +513,21 @@ impl LLM {
         }
         result
     }
+}
+
+/// The engine's load at one moment: sequences and KV-cache blocks in use, prefix-cache hits.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineMetrics {
+    /// Sequences in the running batch.
+    pub num_running: usize,
+    /// Sequences waiting for their (first or next) prefill.
+    pub num_waiting: usize,
+    /// KV-cache blocks held by sequences.
+    pub kv_blocks_used: usize,
+    /// KV-cache blocks in all.
+    pub kv_blocks_total: usize,
+    /// Prefix-cache counters since start-up.
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// Time spent in prefill and decode steps.

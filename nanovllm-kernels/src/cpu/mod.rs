@@ -9,9 +9,9 @@
 //!
 //! This file holds the buffer type, the trait implementation and the shape checks every op
 //! runs before touching memory; the arithmetic lives in the submodules:
-//! [`gemm`] (linear layers), [`attention`] (KV-cache writes, prefill and decode attention),
-//! [`norm`] (RMSNorm, q/k norm + RoPE), [`elementwise`] (embedding, SiLU-and-mul, row
-//! gather), [`sample`] (the sampler) and [`simd`] (the inner loops compiled for AVX2+FMA when
+//! `gemm` (linear layers), `attention` (KV-cache writes, prefill and decode attention),
+//! `norm` (RMSNorm, q/k norm + RoPE), `elementwise` (embedding, SiLU-and-mul, row
+//! gather), `sample` (the sampler) and `simd` (the inner loops compiled for AVX2+FMA when
 //! the CPU has it).
 
 mod attention;
