@@ -17,11 +17,13 @@
 pub mod bench;
 mod builtin;
 pub mod llm;
+pub mod serve;
 pub mod tokenizer;
 pub mod workload;
 
 pub use llm::{
-    Device, EngineArgs, LoadInfo, Prompt, RequestOutput, StepStats, StreamEvent, WeightsFormat, LLM,
+    Device, EngineArgs, EngineMetrics, LoadInfo, Prompt, RequestOutput, StepStats, StreamEvent,
+    WeightsFormat, LLM,
 };
 pub use nanovllm_engine::sampling_params::SamplingParams;
 pub use nanovllm_engine::sequence::FinishReason;

@@ -1,4 +1,4 @@
-//! The `nanovllm` command: `generate`, `chat` and `bench` over the [`nanovllm::LLM`] API.
+//! The `nanovllm` command: `generate`, `chat`, `bench` and `serve` over the [`nanovllm::LLM`] API.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -29,6 +29,8 @@ enum Command {
     Chat(ChatArgs),
     /// Throughput benchmark: nano-vLLM's bench.py workload.
     Bench(BenchCli),
+    /// OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics).
+    Serve(ServeArgs),
     /// Writes teacher-forced logits and greedy continuations of token-id prompts, for the
     /// comparison with HF transformers (scripts/gpu/hf_compare.py).
     #[command(hide = true)]
@@ -215,6 +217,24 @@ struct ChatArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineOpts,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Name clients pass as `model` (default: the --model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Requests in flight at most; more are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrent_requests: usize,
+}
+
+#[derive(Args)]
 struct BenchCli {
     #[command(flatten)]
     engine: EngineOpts,
@@ -248,6 +268,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::HfDump(a) => hf_dump(a),
+        Command::Serve(a) => serve(a),
         Command::Bench(a) => run_bench(
             &a.engine.model,
             a.engine.engine_args(),
@@ -326,6 +347,15 @@ fn chat(a: ChatArgs) -> nanovllm::Result<()> {
         history.push(ChatMessage::assistant(reply));
     }
     Ok(())
+}
+
+fn serve(a: ServeArgs) -> nanovllm::Result<()> {
+    let llm = LLM::new(&a.engine.model, a.engine.engine_args())?;
+    let opts = nanovllm::serve::ServeOptions {
+        served_model_name: a.served_model_name.unwrap_or(a.engine.model.clone()),
+        max_concurrent_requests: a.max_concurrent_requests,
+    };
+    nanovllm::serve::run(llm, &a.host, a.port, opts)
 }
 
 fn hf_dump(a: HfDumpArgs) -> nanovllm::Result<()> {
