@@ -359,6 +359,61 @@ fn real_main() -> Result<()> {
             &mut |i| g.store_kvcache(&qkvs[i % sets], tokens, &a, &sm, &mut kc, &mut vc),
         );
     }
+    // ---- q/k norm + rope fused with the KV-cache store, next to the two ops it replaces, at
+    // prefill size and at decode batch sizes (where the launch saved is most of the gain).
+    for n in [1usize, 64, 256, tokens] {
+        let a = attn(nh, nkv, d, 256, 1);
+        // Fewest bytes of the function: q, k, v read once, q and k written back, k and v
+        // written to the cache, one cos/sin row per token.
+        let bytes = (n * ((nh + 2 * nkv) + (nh + nkv) + 2 * nkv) * d * 2 + n * d * 4) as f64;
+        let sets = Bench::sets(bytes);
+        let mut qkvs: Vec<_> = (0..sets)
+            .map(|_| b.randn(n * qkv_w, 1.0))
+            .collect::<Result<_>>()?;
+        let (qn, kn) = (b.randn(d, 1.0)?, b.randn(d, 1.0)?);
+        let max_pos = 40_960;
+        let positions: Vec<i32> = (0..n).map(|_| b.rng.below(max_pos) as i32).collect();
+        let pos = g.from_host(&positions)?;
+        let cs = g.from_host(&nanovllm_kernels::cpu::rope_cos_sin_cache(d, max_pos, 1e6)?)?;
+        let slots = 2 * n;
+        let mut perm: Vec<i32> = (0..slots as i32).collect();
+        for i in (1..slots).rev() {
+            let j = b.rng.below(i + 1);
+            perm.swap(i, j);
+        }
+        let sm = g.from_host(&perm[..n])?;
+        let mut kc = g.alloc::<bf16>(slots * nkv * d)?;
+        let mut vc = g.alloc::<bf16>(slots * nkv * d)?;
+        let shape = format!("{n} tok, {nh}/{nkv} heads d{d}");
+        if n != tokens {
+            // (At 16,384 tokens the rows above time the two ops alone.)
+            b.run("qk_norm_rope", shape.clone(), bytes, 0.0, &mut |i| {
+                g.qk_norm_rope(&mut qkvs[i % sets], n, &a, &qn, &kn, 1e-6, &pos, &cs)
+            });
+            b.run("store_kvcache", shape.clone(), bytes, 0.0, &mut |i| {
+                g.store_kvcache(&qkvs[i % sets], n, &a, &sm, &mut kc, &mut vc)
+            });
+        }
+        b.run("rope+store 2 ops", shape.clone(), bytes, 0.0, &mut |i| {
+            g.qk_norm_rope(&mut qkvs[i % sets], n, &a, &qn, &kn, 1e-6, &pos, &cs)?;
+            g.store_kvcache(&qkvs[i % sets], n, &a, &sm, &mut kc, &mut vc)
+        });
+        b.run("qk_norm_rope_store", shape, bytes, 0.0, &mut |i| {
+            g.qk_norm_rope_store(
+                &mut qkvs[i % sets],
+                n,
+                &a,
+                &qn,
+                &kn,
+                1e-6,
+                &pos,
+                &cs,
+                &sm,
+                &mut kc,
+                &mut vc,
+            )
+        });
+    }
     {
         let bytes = (tokens * inter * 3 * 2) as f64;
         let sets = Bench::sets(bytes);

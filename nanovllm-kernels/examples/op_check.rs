@@ -11,6 +11,9 @@
 //!   under a per-op tolerance for bf16 arithmetic, exact equality for copies and greedy
 //!   sampling, and for sampled tokens equality on at least 99% of the rows.
 //!
+//! A fused op is also compared bit for bit with the CUDA backend's own run of the ops it
+//! fuses, on the same inputs.
+//!
 //! Prints one line per case (op, shape, error, tolerance, PASS/FAIL) and a summary, and exits
 //! non-zero on any failure. `OP_CHECK_SEED=<n>` repeats a run's inputs; `OP_CHECK_FILTER=<s>`
 //! runs only the ops whose name contains `s`; `OP_CHECK_MAX=<n>` skips cases whose largest
@@ -129,20 +132,52 @@ impl Report {
             return;
         }
         let t0 = Instant::now();
-        let (err, pass, note) = match (c.run(cpu), c.run(gpu)) {
+        let result = match (c.run(cpu), c.run(gpu)) {
             (Err(e), _) => (f64::NAN, false, format!("cpu error: {e}")),
             (_, Err(e)) => (f64::NAN, false, format!("cuda error: {e}")),
             (Ok(want), Ok(got)) => compare(&want, &got, c.tol(), &c.exact_rows()),
         };
+        self.record(c.op(), c.shape(), c.tol(), result, t0);
+    }
+
+    /// Checks that the GPU computes `c`'s outputs bit for bit as it computes `reference`'s,
+    /// the same inputs through other ops (a fused op against the ops it fuses).
+    fn check_same<C: Case, R: Case>(&mut self, gpu: &CudaBackend, reference: &R, c: &C) {
+        if c.size() > self.max_size {
+            return;
+        }
+        let t0 = Instant::now();
+        let result = match (reference.run(gpu), c.run(gpu)) {
+            (Err(e), _) => (
+                f64::NAN,
+                false,
+                format!("cuda error ({}): {e}", reference.op()),
+            ),
+            (_, Err(e)) => (f64::NAN, false, format!("cuda error: {e}")),
+            (Ok(want), Ok(got)) => compare(&want, &got, Tol::Exact, &[]),
+        };
+        let shape = format!("{} = {}", c.shape(), reference.op());
+        self.record(c.op(), shape, Tol::Exact, result, t0);
+    }
+
+    /// Prints and keeps one case's line.
+    fn record(
+        &mut self,
+        op: &str,
+        shape: String,
+        tol: Tol,
+        (err, pass, note): (f64, bool, String),
+        t0: Instant,
+    ) {
         let line = (
-            c.op().to_string(),
-            c.shape(),
+            op.to_string(),
+            shape,
             if err.is_nan() {
                 "-".into()
             } else {
                 format!("{err:.2e}")
             },
-            c.tol().show(),
+            tol.show(),
             pass,
             note,
         );
@@ -551,6 +586,102 @@ impl Case for StoreKv {
         let mut vc = up(b, &self.v_cache)?;
         b.store_kvcache(&qkv, self.n, &self.attn, &sm, &mut kc, &mut vc)?;
         Ok(vec![
+            full_bf16(b, "k_cache", &kc)?,
+            full_bf16(b, "v_cache", &vc)?,
+        ])
+    }
+}
+
+/// `qk_norm_rope_store`, or (`separate`) the `qk_norm_rope` then `store_kvcache` it fuses, on
+/// the same inputs: rows with slot -1 (every fifth from row 1) are rotated but not stored.
+#[derive(Clone)]
+struct QkvStore {
+    n: usize,
+    attn: AttnParams,
+    slots: usize,
+    separate: bool,
+    qkv: Vec<bf16>,
+    q_norm: Vec<bf16>,
+    k_norm: Vec<bf16>,
+    positions: Vec<i32>,
+    cos_sin: Vec<f32>,
+    slot_mapping: Vec<i32>,
+    k_cache: Vec<bf16>,
+    v_cache: Vec<bf16>,
+}
+
+impl QkvStore {
+    fn new(rng: &mut Rng, n: usize, nh: usize, nkv: usize, d: usize, block_size: usize) -> Self {
+        let attn = attn_params(nh, nkv, d, block_size, 1);
+        let max_pos = 40_960;
+        let slots = (n + n / 3 + 5).div_ceil(block_size) * block_size;
+        let mut perm: Vec<i32> = (0..slots as i32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.below(i + 1));
+        }
+        let kv = slots * nkv * d;
+        QkvStore {
+            n,
+            attn,
+            slots,
+            separate: false,
+            qkv: rng.bf16s(n * attn.qkv_width(), -3.0, 3.0),
+            q_norm: rng.bf16s(d, 0.5, 1.5),
+            k_norm: rng.bf16s(d, 0.5, 1.5),
+            positions: (0..n).map(|_| rng.below(max_pos) as i32).collect(),
+            cos_sin: rope_cos_sin_cache(d, max_pos, 1_000_000.0).expect("valid rope table"),
+            slot_mapping: (0..n)
+                .map(|i| if i % 5 == 1 { -1 } else { perm[i] })
+                .collect(),
+            k_cache: rng.bf16s(kv, -1.0, 1.0),
+            v_cache: rng.bf16s(kv, -1.0, 1.0),
+        }
+    }
+}
+
+impl Case for QkvStore {
+    fn size(&self) -> usize {
+        self.qkv
+            .len()
+            .max(self.cos_sin.len())
+            .max(self.k_cache.len())
+    }
+    fn op(&self) -> &'static str {
+        if self.separate {
+            "qk_norm_rope+store_kvcache"
+        } else {
+            "qk_norm_rope_store"
+        }
+    }
+    fn shape(&self) -> String {
+        let a = &self.attn;
+        format!(
+            "n={} heads={}/{} d={} slots={}",
+            self.n, a.num_heads, a.num_kv_heads, a.head_dim, self.slots
+        )
+    }
+    fn tol(&self) -> Tol {
+        Tol::RelL2(1e-2)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
+        let mut qkv = up(b, &self.qkv)?;
+        let (qn, kn) = (up(b, &self.q_norm)?, up(b, &self.k_norm)?);
+        let pos = up(b, &self.positions)?;
+        let cs = up(b, &self.cos_sin)?;
+        let sm = up(b, &self.slot_mapping)?;
+        let mut kc = up(b, &self.k_cache)?;
+        let mut vc = up(b, &self.v_cache)?;
+        let (n, a) = (self.n, &self.attn);
+        if self.separate {
+            b.qk_norm_rope(&mut qkv, n, a, &qn, &kn, 1e-6, &pos, &cs)?;
+            b.store_kvcache(&qkv, n, a, &sm, &mut kc, &mut vc)?;
+        } else {
+            b.qk_norm_rope_store(
+                &mut qkv, n, a, &qn, &kn, 1e-6, &pos, &cs, &sm, &mut kc, &mut vc,
+            )?;
+        }
+        Ok(vec![
+            full_bf16(b, "qkv", &qkv)?,
             full_bf16(b, "k_cache", &kc)?,
             full_bf16(b, "v_cache", &vc)?,
         ])
@@ -1127,6 +1258,30 @@ fn main() {
             (20, 14, 2, 128, 128),
         ] {
             rep.check(&cpu, &gpu, &StoreKv::new(&mut rng, n, nh, nkv, d, bs));
+        }
+    }
+    if on("qk_norm_rope_store") {
+        // Against the CPU backend (its default: the two ops), and bit for bit against the
+        // CUDA backend's own two ops. Group sizes 1, 2, 4, 8; head_dim 64 and 128.
+        for (n, nh, nkv, d, bs) in [
+            (1, 16, 8, 128, 256),
+            (3, 16, 8, 128, 256),
+            (16, 16, 8, 128, 256),
+            (256, 16, 8, 128, 256),
+            (16_384, 16, 8, 128, 256),
+            (77, 8, 8, 64, 16),
+            (300, 32, 8, 128, 32),
+            (33, 16, 4, 64, 64),
+            (20, 16, 2, 128, 128),
+            (9, 8, 1, 64, 16),
+        ] {
+            let fused = QkvStore::new(&mut rng, n, nh, nkv, d, bs);
+            rep.check(&cpu, &gpu, &fused);
+            let separate = QkvStore {
+                separate: true,
+                ..fused.clone()
+            };
+            rep.check_same(&gpu, &separate, &fused);
         }
     }
     if on("silu_and_mul") {

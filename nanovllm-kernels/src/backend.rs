@@ -171,6 +171,35 @@ pub trait Backend: Send + Sync + Sized + 'static {
         v_cache: &mut Self::Buf<bf16>,
     ) -> Result<()>;
 
+    /// [`Backend::qk_norm_rope`] then [`Backend::store_kvcache`] on the same `n` rows of `qkv`,
+    /// as one op: the q and k heads are normed and rotated in place, and each row's k heads
+    /// (normed and rotated) and v heads are written to slot `slot_mapping[i]` of the KV cache
+    /// (`-1`: row `i` is still normed and rotated, nothing is stored). Every layer runs this
+    /// right after its QKV projection.
+    ///
+    /// The results are those of the two ops in sequence, bit for bit; this default runs them
+    /// one after the other, and a backend may override it with one pass that reads `qkv` once
+    /// (the CUDA backend does, one launch instead of two). On an error the default may
+    /// already have rotated `qkv` (for example when a slot lies outside the cache).
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_store(
+        &self,
+        qkv: &mut Self::Buf<bf16>,
+        n: usize,
+        attn: &AttnParams,
+        q_norm: &Self::Buf<bf16>,
+        k_norm: &Self::Buf<bf16>,
+        eps: f32,
+        positions: &Self::Buf<i32>,
+        cos_sin: &Self::Buf<f32>,
+        slot_mapping: &Self::Buf<i32>,
+        k_cache: &mut Self::Buf<bf16>,
+        v_cache: &mut Self::Buf<bf16>,
+    ) -> Result<()> {
+        self.qk_norm_rope(qkv, n, attn, q_norm, k_norm, eps, positions, cos_sin)?;
+        self.store_kvcache(qkv, n, attn, slot_mapping, k_cache, v_cache)
+    }
+
     /// `out = silu(gate) * up` for `n` rows; each row of `gate_up` is `[gate(inter), up(inter)]`,
     /// each row of `out` is `[inter]`.
     fn silu_and_mul(

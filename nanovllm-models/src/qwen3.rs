@@ -255,21 +255,14 @@ impl<B: Backend> Qwen3Attention<B> {
     ) -> Result<()> {
         let n = ctx.num_tokens;
         self.qkv_proj.forward(be, &ws.hidden, n, &mut ws.qkv)?;
-        let params = self.attn.params(kv.block_size, ctx.max_blocks_per_seq);
-        rope.forward_with_qk_norm(
+        let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
+        self.attn.forward_with_qk_norm_rope(
             be,
             &mut ws.qkv,
-            n,
-            &params,
+            ctx,
+            rope,
             &self.q_norm,
             &self.k_norm,
-            ctx.positions,
-        )?;
-        let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
-        self.attn.forward(
-            be,
-            &ws.qkv,
-            ctx,
             k_cache,
             v_cache,
             kv.block_size,

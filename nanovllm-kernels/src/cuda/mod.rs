@@ -80,6 +80,7 @@ struct Kernels {
     rms_norm: CudaFunction,
     add_rms_norm: CudaFunction,
     qk_norm_rope: CudaFunction,
+    qk_norm_rope_store: CudaFunction,
     store_kvcache: CudaFunction,
     silu_and_mul: CudaFunction,
     embedding: CudaFunction,
@@ -202,6 +203,7 @@ impl CudaBackend {
             rms_norm: get("norm", "rms_norm")?,
             add_rms_norm: get("norm", "add_rms_norm")?,
             qk_norm_rope: get("rope", "qk_norm_rope")?,
+            qk_norm_rope_store: get("rope", "qk_norm_rope_store")?,
             store_kvcache: get("kvcache", "store_kvcache")?,
             silu_and_mul: get("activation", "silu_and_mul")?,
             embedding: get("embedding", "embedding")?,
@@ -552,6 +554,37 @@ impl Backend for CudaBackend {
         cos_sin: &CudaBuf<f32>,
     ) -> Result<()> {
         ops::qk_norm_rope(self, qkv, n, attn, q_norm, k_norm, eps, positions, cos_sin)
+    }
+
+    /// One launch of `qk_norm_rope_store` (rope.cu) instead of the default's two.
+    fn qk_norm_rope_store(
+        &self,
+        qkv: &mut CudaBuf<bf16>,
+        n: usize,
+        attn: &AttnParams,
+        q_norm: &CudaBuf<bf16>,
+        k_norm: &CudaBuf<bf16>,
+        eps: f32,
+        positions: &CudaBuf<i32>,
+        cos_sin: &CudaBuf<f32>,
+        slot_mapping: &CudaBuf<i32>,
+        k_cache: &mut CudaBuf<bf16>,
+        v_cache: &mut CudaBuf<bf16>,
+    ) -> Result<()> {
+        ops::qk_norm_rope_store(
+            self,
+            qkv,
+            n,
+            attn,
+            q_norm,
+            k_norm,
+            eps,
+            positions,
+            cos_sin,
+            slot_mapping,
+            k_cache,
+            v_cache,
+        )
     }
 
     fn store_kvcache(

@@ -1,6 +1,6 @@
-//! Launchers of the memory-bound kernels (`cuda/norm.cu`, `rope.cu`, `kvcache.cu`,
-//! `activation.cu`, `embedding.cu`) and of the sampler (`cuda/sampling.cu`), called by
-//! [`CudaBackend`]'s `Backend` methods.
+//! Launchers of the memory-bound kernels (`cuda/norm.cu`, `rope.cu` (q/k norm + rope, alone
+//! or fused with the KV-cache store), `kvcache.cu`, `activation.cu`, `embedding.cu`) and of
+//! the sampler (`cuda/sampling.cu`), called by [`CudaBackend`]'s `Backend` methods.
 //!
 //! Each launcher checks every buffer's length against the dimensions it was given (an
 //! [`Error::Shape`] names the op and the buffer), turns the dimensions into the kernel's
@@ -192,6 +192,66 @@ pub(super) fn add_rms_norm(
     Ok(())
 }
 
+/// The kernel arguments shared by `qk_norm_rope` and `qk_norm_rope_store` in rope.cu, after
+/// the checks both ops make.
+struct RopeArgs {
+    n: i32,
+    qkv_width: i32,
+    num_heads: i32,
+    num_kv_heads: i32,
+    head_dim: i32,
+    max_position: i32,
+}
+
+/// Checks the head layout and the buffers of a q/k norm + rope op on `n` rows.
+#[allow(clippy::too_many_arguments)]
+fn rope_args(
+    op: &'static str,
+    qkv: &CudaBuf<bf16>,
+    n: usize,
+    attn: &AttnParams,
+    q_norm: &CudaBuf<bf16>,
+    k_norm: &CudaBuf<bf16>,
+    positions: &CudaBuf<i32>,
+    cos_sin: &CudaBuf<f32>,
+) -> Result<RopeArgs> {
+    check_heads(op, attn)?;
+    let d = attn.head_dim;
+    // One head per d/8 lanes of a warp, the rotation partner in lane ^ (d/16).
+    if !d.is_multiple_of(16) || !(d / 8).is_power_of_two() || d / 8 > 32 {
+        return Err(Error::Other(format!(
+            "op {op}: head_dim {d} is not supported by the CUDA kernel (16, 32, 64, 128 or 256)"
+        )));
+    }
+    let width = attn.qkv_width();
+    check_len(op, "qkv", qkv, numel(op, "qkv", n, width)?)?;
+    check_len(op, "q_norm", q_norm, d)?;
+    check_len(op, "k_norm", k_norm, d)?;
+    check_len(op, "positions", positions, n)?;
+    check_len(op, "cos_sin", cos_sin, d)?;
+    Ok(RopeArgs {
+        n: int(op, "n", n)?,
+        qkv_width: int(op, "qkv width", width)?,
+        num_heads: int(op, "num_heads", attn.num_heads)?,
+        num_kv_heads: int(op, "num_kv_heads", attn.num_kv_heads)?,
+        head_dim: int(op, "head_dim", d)?,
+        max_position: int(op, "cos_sin rows", cos_sin.len() / d)?,
+    })
+}
+
+/// Threads per block of the rope kernels.
+const ROPE_THREADS: usize = 256;
+
+/// Blocks for `heads` (token, head) tasks of `head_dim`, `32 / (head_dim / 8)` per warp.
+fn rope_blocks(op: &'static str, heads: usize, head_dim: usize) -> Result<u32> {
+    let heads_per_warp = 32 / (head_dim / 8);
+    grid(
+        op,
+        "blocks",
+        heads.div_ceil(heads_per_warp).div_ceil(ROPE_THREADS / 32),
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn qk_norm_rope(
     be: &CudaBackend,
@@ -205,54 +265,96 @@ pub(super) fn qk_norm_rope(
     cos_sin: &CudaBuf<f32>,
 ) -> Result<()> {
     const OP: &str = "qk_norm_rope";
-    check_heads(OP, attn)?;
-    let d = attn.head_dim;
-    // One head per d/8 lanes of a warp, the rotation partner in lane ^ (d/16).
-    if !d.is_multiple_of(16) || !(d / 8).is_power_of_two() || d / 8 > 32 {
-        return Err(Error::Other(format!(
-            "op {OP}: head_dim {d} is not supported by the CUDA kernel (16, 32, 64, 128 or 256)"
-        )));
-    }
-    let width = attn.qkv_width();
-    check_len(OP, "qkv", qkv, numel(OP, "qkv", n, width)?)?;
-    check_len(OP, "q_norm", q_norm, d)?;
-    check_len(OP, "k_norm", k_norm, d)?;
-    check_len(OP, "positions", positions, n)?;
-    check_len(OP, "cos_sin", cos_sin, d)?;
+    let a = rope_args(OP, qkv, n, attn, q_norm, k_norm, positions, cos_sin)?;
     if n == 0 {
         return Ok(());
     }
-    let max_position = cos_sin.len() / d;
     let tasks = numel(OP, "heads", n, attn.num_heads + attn.num_kv_heads)?;
-    let heads_per_warp = 32 / (d / 8);
-    let threads = 256usize;
-    let blocks = tasks.div_ceil(heads_per_warp).div_ceil(threads / 32);
-    let (n_i, w_i) = (int(OP, "n", n)?, int(OP, "qkv width", width)?);
-    let (nh, nkv, d_i) = (
-        int(OP, "num_heads", attn.num_heads)?,
-        int(OP, "num_kv_heads", attn.num_kv_heads)?,
-        int(OP, "head_dim", d)?,
-    );
-    let maxp = int(OP, "cos_sin rows", max_position)?;
+    let blocks = rope_blocks(OP, tasks, attn.head_dim)?;
     let mut b = be.stream().launch_builder(&be.kernels.qk_norm_rope);
     b.arg(qkv.raw_mut())
-        .arg(&n_i)
-        .arg(&w_i)
-        .arg(&nh)
-        .arg(&nkv)
-        .arg(&d_i)
+        .arg(&a.n)
+        .arg(&a.qkv_width)
+        .arg(&a.num_heads)
+        .arg(&a.num_kv_heads)
+        .arg(&a.head_dim)
         .arg(q_norm.raw())
         .arg(k_norm.raw())
         .arg(&eps)
         .arg(positions.raw())
         .arg(cos_sin.raw())
-        .arg(&maxp);
+        .arg(&a.max_position);
     // SAFETY: arguments match `qk_norm_rope` in rope.cu; tasks beyond n * (num_heads +
     // num_kv_heads) touch no memory; each task reads and writes one q or k head of a row of
     // qkv (n rows checked), d weights, positions[token] (n checked) and one cos/sin row,
     // clamped to the max_position rows cos_sin holds.
-    unsafe { b.launch(cfg(grid(OP, "blocks", blocks)?, threads as u32)) }
-        .map_err(launch_err(OP))?;
+    unsafe { b.launch(cfg(blocks, ROPE_THREADS as u32)) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+/// Rows of the `[slots, kv_width]` view both caches hold, after checking `slot_mapping`.
+fn cache_slots(
+    op: &'static str,
+    attn: &AttnParams,
+    n: usize,
+    slot_mapping: &CudaBuf<i32>,
+    k_cache: &CudaBuf<bf16>,
+    v_cache: &CudaBuf<bf16>,
+) -> Result<(usize, i64)> {
+    let kv_width = numel(op, "k", attn.num_kv_heads, attn.head_dim)?;
+    check_len(op, "slot_mapping", slot_mapping, n)?;
+    Ok((
+        kv_width,
+        (k_cache.len().min(v_cache.len()) / kv_width) as i64,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn qk_norm_rope_store(
+    be: &CudaBackend,
+    qkv: &mut CudaBuf<bf16>,
+    n: usize,
+    attn: &AttnParams,
+    q_norm: &CudaBuf<bf16>,
+    k_norm: &CudaBuf<bf16>,
+    eps: f32,
+    positions: &CudaBuf<i32>,
+    cos_sin: &CudaBuf<f32>,
+    slot_mapping: &CudaBuf<i32>,
+    k_cache: &mut CudaBuf<bf16>,
+    v_cache: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    const OP: &str = "qk_norm_rope_store";
+    let a = rope_args(OP, qkv, n, attn, q_norm, k_norm, positions, cos_sin)?;
+    let (_, num_slots) = cache_slots(OP, attn, n, slot_mapping, k_cache, v_cache)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let tasks = numel(OP, "heads", n, attn.num_heads + 2 * attn.num_kv_heads)?;
+    let blocks = rope_blocks(OP, tasks, attn.head_dim)?;
+    let mut b = be.stream().launch_builder(&be.kernels.qk_norm_rope_store);
+    b.arg(qkv.raw_mut())
+        .arg(&a.n)
+        .arg(&a.qkv_width)
+        .arg(&a.num_heads)
+        .arg(&a.num_kv_heads)
+        .arg(&a.head_dim)
+        .arg(q_norm.raw())
+        .arg(k_norm.raw())
+        .arg(&eps)
+        .arg(positions.raw())
+        .arg(cos_sin.raw())
+        .arg(&a.max_position)
+        .arg(slot_mapping.raw())
+        .arg(k_cache.raw_mut())
+        .arg(v_cache.raw_mut())
+        .arg(&num_slots);
+    // SAFETY: arguments match `qk_norm_rope_store` in rope.cu; tasks beyond n * (num_heads +
+    // 2 * num_kv_heads) touch no memory; each task reads and writes one head of a row of qkv
+    // (n rows checked), d weights, positions[token] and slot_mapping[token] (n checked) and
+    // one cos/sin row, clamped to the max_position rows cos_sin holds, and writes one head of
+    // one cache row only when the slot lies in [0, num_slots), the rows both caches hold.
+    unsafe { b.launch(cfg(blocks, ROPE_THREADS as u32)) }.map_err(launch_err(OP))?;
     Ok(())
 }
 
@@ -268,13 +370,11 @@ pub(super) fn store_kvcache(
     const OP: &str = "store_kvcache";
     check_heads(OP, attn)?;
     let width = attn.qkv_width();
-    let kv_width = numel(OP, "k", attn.num_kv_heads, attn.head_dim)?;
     check_len(OP, "qkv", qkv, numel(OP, "qkv", n, width)?)?;
-    check_len(OP, "slot_mapping", slot_mapping, n)?;
+    let (kv_width, num_slots) = cache_slots(OP, attn, n, slot_mapping, k_cache, v_cache)?;
     if n == 0 {
         return Ok(());
     }
-    let num_slots = (k_cache.len().min(v_cache.len()) / kv_width) as i64;
     let (w_i, koff, kvw) = (
         int(OP, "qkv width", width)?,
         int(OP, "k offset", attn.num_heads * attn.head_dim)?,
