@@ -185,8 +185,15 @@ impl EngineLoop {
         }
         match self.llm.step() {
             Ok(events) => {
-                for ev in events {
+                // Metrics first, so a client that reads /metrics after its answer sees them.
+                self.metrics.set_engine(&self.llm.metrics());
+                for ev in &events {
                     self.metrics.add_generation_tokens(ev.new_token_ids.len());
+                    if ev.finish_reason.is_some() {
+                        self.metrics.request_finished();
+                    }
+                }
+                for ev in events {
                     let finished = ev.finish_reason.is_some();
                     if let Some(events) = self.active.get(&ev.request_id) {
                         let _ = events.send(EngineEvent::Tokens {
@@ -196,7 +203,6 @@ impl EngineLoop {
                     }
                     if finished {
                         self.active.remove(&ev.request_id);
-                        self.metrics.request_finished();
                     }
                 }
             }
