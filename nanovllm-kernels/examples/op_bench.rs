@@ -14,12 +14,19 @@
 //! the floor `max(bytes / copy bandwidth, flops / GEMM rate)` to the measured time.
 //!
 //! `OP_BENCH_FILTER=<s>` times only the rows whose "op shape" contains `s` and skips the
-//! ceilings (for profiling one kernel under ncu).
+//! ceilings (for profiling one kernel under ncu) unless `OP_BENCH_CEILINGS` is set.
+//!
+//! GEMMs (Qwen3-0.6B and Qwen3-8B linear layers, decode and prefill M) are timed under each
+//! path of the CUDA backend's `GemmPolicy`: cuBLASLt with the heuristic's algorithm, cuBLASLt
+//! tuned with a cold L2, and the skinny kernel (M <= 32), with the weights rotated over more
+//! than twice the L2, as the model reads them (each weight once per step). A table of the three
+//! next to the floor ends the output, after the start-up cost of planning and tuning every
+//! decode batch bucket of Qwen3-0.6B under the default policy.
 
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
-use nanovllm_kernels::cuda::{CudaBackend, CudaBuf};
+use nanovllm_kernels::cuda::{CudaBackend, CudaBuf, GemmPolicy, GemmTuning, SKINNY_LIMIT};
 use nanovllm_kernels::{bf16, AttnParams, Backend, SamplingBufs};
 use nanovllm_utils::{Error, Result};
 
@@ -65,6 +72,10 @@ struct Bench<'g> {
     gemm_rate: f64,
     rows: Vec<Row>,
     filter: String,
+    /// The graph's call count is rounded up to a multiple of this: the number of rotated
+    /// input sets, so that replay after replay every set is reused only after all the others
+    /// (the GEMM rows rotate their weights; 1 elsewhere).
+    period: usize,
 }
 
 impl Bench<'_> {
@@ -93,6 +104,7 @@ impl Bench<'_> {
         self.gpu.synchronize()?;
         let one = self.events(|| f(0))?;
         let reps = ((2e-3 / one.max(1e-7)).ceil() as usize).clamp(1, 200);
+        let reps = reps.div_ceil(self.period.max(1)) * self.period.max(1);
         let graph = self.gpu.capture(|| (0..reps).try_for_each(&mut *f));
         let mut times = Vec::new();
         let how = match graph {
@@ -235,10 +247,11 @@ fn real_main() -> Result<()> {
         gemm_rate: f64::NAN,
         rows: Vec::new(),
         filter: std::env::var("OP_BENCH_FILTER").unwrap_or_default(),
+        period: 1,
     };
 
     // ---- ceilings
-    if b.filter.is_empty() {
+    if b.filter.is_empty() || std::env::var_os("OP_BENCH_CEILINGS").is_some() {
         b.copy_bw = memcpy_bandwidth(&b)?;
         // Our own row-copy kernel over the same gigabyte, as a check of the kernels' reach.
         let n = 1usize << 29;
@@ -456,35 +469,10 @@ fn real_main() -> Result<()> {
         );
     }
 
-    // ---- GEMMs of Qwen3-0.6B
-    for (label, n, k) in [
-        ("qkv", 4096, 1024),
-        ("o", 1024, 2048),
-        ("gate_up", 6144, 1024),
-        ("down", 1024, 3072),
-        ("lm_head", vocab, 1024),
-    ] {
-        for m in [1usize, 8, 64, 256, 512, 16_384] {
-            let bytes = ((m * k + n * k + m * n) * 2) as f64;
-            let flops = 2.0 * (m * n * k) as f64;
-            let sets = Bench::sets(bytes);
-            let xs: Vec<_> = (0..sets)
-                .map(|_| b.randn(m * k, 1.0))
-                .collect::<Result<_>>()?;
-            let ws: Vec<_> = (0..sets)
-                .map(|_| b.randn(n * k, 0.03))
-                .collect::<Result<_>>()?;
-            let mut outs: Vec<_> = (0..sets)
-                .map(|_| g.alloc::<bf16>(m * n))
-                .collect::<Result<_>>()?;
-            b.run(
-                &format!("gemm {label}"),
-                format!("M={m} N={n} K={k}"),
-                bytes,
-                flops,
-                &mut |i| g.gemm(&xs[i % sets], &ws[i % sets], m, n, k, &mut outs[i % sets]),
-            );
-        }
+    // ---- GEMMs of Qwen3-0.6B and Qwen3-8B, each path, cold weights
+    let gemm_table = gemm_rows(&mut b, vocab)?;
+    if "gemm start-up".contains(b.filter.as_str()) {
+        gemm_startup(&mut b, vocab)?;
     }
 
     // ---- sampling, 256 rows of the full vocabulary
@@ -619,6 +607,7 @@ fn real_main() -> Result<()> {
             r.ratio * 100.0
         );
     }
+    print_gemm_table(&name, &gemm_table);
     Ok(())
 }
 
@@ -639,4 +628,224 @@ fn memcpy_bandwidth(b: &Bench) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(2.0 * n as f64 / times[3])
+}
+
+/// One GEMM shape at one M: its floor and the time of each path, in microseconds (NaN: not
+/// run; the skinny kernel takes M <= 32).
+struct GemmTimes {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    floor_us: f64,
+    /// cuBLASLt, heuristic's first algorithm; cuBLASLt tuned cold; skinny kernel.
+    us: [f64; 3],
+}
+
+/// The policies the GEMM rows compare, in `GemmTimes::us` order.
+fn gemm_paths() -> [(&'static str, GemmPolicy); 3] {
+    [
+        (
+            "heuristic",
+            GemmPolicy {
+                skinny_max_m: 0,
+                tuning: GemmTuning::Off,
+            },
+        ),
+        (
+            "tuned",
+            GemmPolicy {
+                skinny_max_m: 0,
+                tuning: GemmTuning::All,
+            },
+        ),
+        (
+            "skinny",
+            GemmPolicy {
+                skinny_max_m: SKINNY_LIMIT,
+                tuning: GemmTuning::All,
+            },
+        ),
+    ]
+}
+
+/// The linear layers of Qwen3-0.6B (hidden 1024, intermediate 3072) and Qwen3-8B (hidden
+/// 4096, intermediate 12,288) as (name, N, K, the M to time).
+fn gemm_shapes(vocab: usize) -> Vec<(&'static str, usize, usize, Vec<usize>)> {
+    let small = vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 16_384];
+    let big = vec![1, 16, 64, 256];
+    vec![
+        ("0.6B qkv", 4096, 1024, small.clone()),
+        ("0.6B o", 1024, 2048, small.clone()),
+        ("0.6B gate_up", 6144, 1024, small.clone()),
+        ("0.6B down", 1024, 3072, small),
+        (
+            "0.6B lm_head",
+            vocab,
+            1024,
+            vec![1, 8, 16, 64, 256, 512, 16_384],
+        ),
+        ("8B qkv", 6144, 4096, big.clone()),
+        ("8B o", 4096, 4096, big.clone()),
+        ("8B gate_up", 24_576, 4096, big.clone()),
+        ("8B down", 4096, 12_288, big),
+    ]
+}
+
+/// Times every GEMM shape under each path (rows of the main table too).
+fn gemm_rows(b: &mut Bench, vocab: usize) -> Result<Vec<GemmTimes>> {
+    let g = b.gpu;
+    let filter = b.filter.clone();
+    let mut table = Vec::new();
+    for (name, n, k, ms) in gemm_shapes(vocab) {
+        let op = format!("gemm {name}");
+        let shape = |m: usize, path: &str| format!("M={m} N={n} K={k} {path}");
+        let wanted = |m: usize, path: &str| format!("{op} {}", shape(m, path)).contains(&filter);
+        if !ms
+            .iter()
+            .any(|&m| gemm_paths().iter().any(|(p, _)| wanted(m, p)))
+        {
+            continue;
+        }
+        // Weights rotated over ROTATE_BYTES (twice the L2): each call reads a cold weight.
+        let wsets = Bench::sets((n * k * 2) as f64);
+        let ws: Vec<_> = (0..wsets)
+            .map(|_| b.randn(n * k, 0.03))
+            .collect::<Result<_>>()?;
+        for m in ms {
+            let bytes = ((m * k + n * k + m * n) * 2) as f64;
+            let flops = 2.0 * (m * n * k) as f64;
+            let sets = Bench::sets(bytes).min(wsets);
+            let xs: Vec<_> = (0..sets)
+                .map(|_| b.randn(m * k, 1.0))
+                .collect::<Result<_>>()?;
+            let mut outs: Vec<_> = (0..sets)
+                .map(|_| g.alloc::<bf16>(m * n))
+                .collect::<Result<_>>()?;
+            let mut times = GemmTimes {
+                name,
+                m,
+                n,
+                k,
+                floor_us: (bytes / b.copy_bw).max(flops / b.gemm_rate) * 1e6,
+                us: [f64::NAN; 3],
+            };
+            for (slot, (path, policy)) in gemm_paths().into_iter().enumerate() {
+                if (path == "skinny" && m > SKINNY_LIMIT) || !wanted(m, path) {
+                    continue;
+                }
+                g.set_gemm_policy(policy)?;
+                b.period = wsets;
+                let before = b.rows.len();
+                b.run(&op, shape(m, path), bytes, flops, &mut |i| {
+                    g.gemm(&xs[i % sets], &ws[i % wsets], m, n, k, &mut outs[i % sets])
+                });
+                b.period = 1;
+                if b.rows.len() > before {
+                    times.us[slot] = b.rows[b.rows.len() - 1].us;
+                }
+            }
+            table.push(times);
+        }
+    }
+    g.set_gemm_policy(GemmPolicy::default())?;
+    Ok(table)
+}
+
+/// What GEMM set-up adds to start-up: the first call of every Qwen3-0.6B linear layer (and
+/// the LM head) at every decode batch bucket of the model runner (1, 2, 4, 8, 16, 32, ...,
+/// 512, largest first, as its graph warm-up runs them), under the default policy and under
+/// the same policy with no tuning and with every shape tuned; the differences are the tuning.
+fn gemm_startup(b: &mut Bench, vocab: usize) -> Result<()> {
+    let g = b.gpu;
+    let shapes = [
+        (4096, 1024),
+        (1024, 2048),
+        (6144, 1024),
+        (1024, 3072),
+        (vocab, 1024),
+    ];
+    let ws: Vec<_> = shapes
+        .iter()
+        .map(|&(n, k)| b.randn(n * k, 0.03))
+        .collect::<Result<_>>()?;
+    let x = b.randn(512 * 3072, 1.0)?;
+    let mut out = g.alloc::<bf16>(512 * vocab)?;
+    let mut buckets = vec![1usize, 2, 4, 8];
+    buckets.extend((16..=512).step_by(16));
+    buckets.reverse();
+    let default = GemmPolicy::default();
+    for (label, policy) in [
+        (
+            "untuned",
+            GemmPolicy {
+                tuning: GemmTuning::Off,
+                ..default
+            },
+        ),
+        ("default", default),
+        (
+            "all tuned",
+            GemmPolicy {
+                tuning: GemmTuning::All,
+                ..default
+            },
+        ),
+    ] {
+        g.set_gemm_policy(policy)?;
+        g.synchronize()?;
+        let t = Instant::now();
+        for &m in &buckets {
+            for (&(n, k), w) in shapes.iter().zip(&ws) {
+                g.gemm(&x, w, m, n, k, &mut out)?;
+            }
+            g.synchronize()?;
+        }
+        println!(
+            "gemm start-up ({label} policy {policy:?}): first calls of {} shapes ({} decode \
+             buckets x 5 layers) took {:.1} ms",
+            buckets.len() * shapes.len(),
+            buckets.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    g.set_gemm_policy(default)?;
+    Ok(())
+}
+
+/// The GEMM comparison: per shape and M, each path's time and its share of the floor.
+fn print_gemm_table(device: &str, table: &[GemmTimes]) {
+    if table.is_empty() {
+        return;
+    }
+    let pct = |us: f64, floor: f64| {
+        if us.is_nan() {
+            format!("{:>16}", "-")
+        } else {
+            format!("{us:>8.1} ({:>3.0}%)", floor / us * 100.0)
+        }
+    };
+    println!();
+    println!(
+        "gemm summary on {device} (cold weights; us per call and % of the floor; default policy \
+         {:?})",
+        GemmPolicy::default()
+    );
+    println!(
+        "{:<14} {:>6} {:>7} {:>6} {:>8} {:>16} {:>16} {:>16}",
+        "layer", "M", "N", "K", "floor", "heuristic", "tuned", "skinny"
+    );
+    for t in table {
+        println!(
+            "{:<14} {:>6} {:>7} {:>6} {:>8.1} {} {} {}",
+            t.name,
+            t.m,
+            t.n,
+            t.k,
+            t.floor_us,
+            pct(t.us[0], t.floor_us),
+            pct(t.us[1], t.floor_us),
+            pct(t.us[2], t.floor_us)
+        );
+    }
 }

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use nanovllm_kernels::backend::Elem;
 use nanovllm_kernels::cpu::{rope_cos_sin_cache, CpuBackend};
-use nanovllm_kernels::cuda::CudaBackend;
+use nanovllm_kernels::cuda::{CudaBackend, GemmPolicy, GemmTuning, SKINNY_LIMIT};
 use nanovllm_kernels::{bf16, AttnParams, Backend, SamplingBufs};
 use nanovllm_utils::Result;
 
@@ -721,10 +721,17 @@ struct Gemm {
     k: usize,
     x: Vec<bf16>,
     w: Vec<bf16>,
+    /// The CUDA GEMM policy the case runs under (see `gemm_policies`), for the report.
+    path: &'static str,
+    tol: f64,
 }
 
 impl Gemm {
     fn new(rng: &mut Rng, m: usize, n: usize, k: usize) -> Self {
+        Self::on_path(rng, m, n, k, "default", 1e-2)
+    }
+
+    fn on_path(rng: &mut Rng, m: usize, n: usize, k: usize, path: &'static str, tol: f64) -> Self {
         let s = 1.0 / (k as f32).sqrt();
         Gemm {
             m,
@@ -732,8 +739,38 @@ impl Gemm {
             k,
             x: rng.bf16s(m * k, -1.0, 1.0),
             w: rng.bf16s(n * k, -s, s),
+            path,
+            tol,
         }
     }
+}
+
+/// The GEMM policies op_check runs its path cases under: each path of `CudaBackend::gemm`
+/// forced on, whatever the default picks.
+fn gemm_policies() -> [(&'static str, GemmPolicy); 3] {
+    [
+        (
+            "skinny",
+            GemmPolicy {
+                skinny_max_m: SKINNY_LIMIT,
+                tuning: GemmTuning::All,
+            },
+        ),
+        (
+            "cublaslt tuned",
+            GemmPolicy {
+                skinny_max_m: 0,
+                tuning: GemmTuning::All,
+            },
+        ),
+        (
+            "cublaslt heuristic",
+            GemmPolicy {
+                skinny_max_m: 0,
+                tuning: GemmTuning::Off,
+            },
+        ),
+    ]
 }
 
 impl Case for Gemm {
@@ -744,10 +781,10 @@ impl Case for Gemm {
         "gemm"
     }
     fn shape(&self) -> String {
-        format!("m={} n={} k={}", self.m, self.n, self.k)
+        format!("m={} n={} k={} [{}]", self.m, self.n, self.k, self.path)
     }
     fn tol(&self) -> Tol {
-        Tol::RelL2(1e-2)
+        Tol::RelL2(self.tol)
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
         let x = up(b, &self.x)?;
@@ -1320,6 +1357,49 @@ fn main() {
             (2048, 4096, 4096),
         ] {
             rep.check(&cpu, &gpu, &Gemm::new(&mut rng, m, n, k));
+        }
+        // Each path forced on, over the decode sizes and around the skinny kernels' M limits
+        // (8, 16, 32 rows), odd N, K multiples of 8 but not of 32, and K not a multiple of 8
+        // (which the skinny policy must hand to cuBLASLt). The tighter tolerance: both sides
+        // accumulate in f32 and round once, so they differ only where the f32 sums round to
+        // different bf16 values; a dropped k tile or row shows as 1e-1 or more.
+        let odd = [(1001, 1000), (33, 72), (4097, 40), (7, 8), (1, 1024)];
+        let qwen = [
+            (4096, 1024),
+            (1024, 2048),
+            (6144, 1024),
+            (1024, 3072),
+            (6144, 4096),
+            (4096, 12_288),
+        ];
+        for (path, policy) in gemm_policies() {
+            // cuBLASLt may reduce split-K partial sums in bf16: the usual GEMM tolerance.
+            let tol = if path == "skinny" { 2e-3 } else { 1e-2 };
+            if let Err(e) = gpu.set_gemm_policy(policy) {
+                eprintln!("op_check: {e}");
+                std::process::exit(2);
+            }
+            let ms: Vec<usize> = if path == "skinny" {
+                (1..=16).chain([17, 24, 31, 32, 33, 64]).collect()
+            } else {
+                vec![1, 2, 16, 17, 64]
+            };
+            for (i, &m) in ms.iter().enumerate() {
+                let (n, k) = qwen[i % qwen.len()];
+                rep.check(&cpu, &gpu, &Gemm::on_path(&mut rng, m, n, k, path, tol));
+                let (n, k) = odd[i % odd.len()];
+                rep.check(&cpu, &gpu, &Gemm::on_path(&mut rng, m, n, k, path, tol));
+            }
+            rep.check(&cpu, &gpu, &Gemm::on_path(&mut rng, 3, 77, 999, path, tol));
+            rep.check(
+                &cpu,
+                &gpu,
+                &Gemm::on_path(&mut rng, 16, 24_576, 4096, path, tol),
+            );
+        }
+        if let Err(e) = gpu.set_gemm_policy(GemmPolicy::default()) {
+            eprintln!("op_check: {e}");
+            std::process::exit(2);
         }
     }
     if on("gather_rows") {

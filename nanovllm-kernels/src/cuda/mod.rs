@@ -7,7 +7,8 @@
 //! * Kernels are CUDA C (`cuda/*.cu`, one file per family), compiled to PTX by `build.rs` and
 //!   embedded in the binary; the driver JIT-compiles them when the backend starts (and caches
 //!   the result). Module name = file stem.
-//! * GEMMs go through cuBLASLt with a fixed workspace ([`gemm`]), attention through the
+//! * GEMMs go through a skinny kernel of `cuda/gemv.cu` for decode's few rows and cuBLASLt
+//!   with a fixed workspace otherwise ([`gemm`], [`GemmPolicy`]), attention through the
 //!   kernels of `cuda/attention.cu` ([`attention`]).
 //! * Everything runs on one non-default stream, so all work is ordered by the stream alone:
 //!   cudarc's per-buffer event tracking is switched off for the backend's context, and the
@@ -22,6 +23,8 @@
 mod attention;
 mod gemm;
 mod ops;
+
+pub use gemm::{GemmPolicy, GemmTuning, SKINNY_LIMIT};
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -637,7 +640,7 @@ impl Backend for CudaBackend {
                 .map_err(|e| driver_err("gemm: zero fill", e));
         }
         let (px, pw, po) = (self.dptr(x), self.dptr(w), self.dptr(out));
-        self.blas.matmul(&self.stream, px, pw, po, m, n, k)
+        gemm::gemm(self, px, pw, po, m, n, k)
     }
 
     fn prefill_attention(
