@@ -36,7 +36,9 @@
 // weight in L2 (cold-cache timing of cuBLASLt's candidate algorithms, gemm.rs).
 #include "common.cuh"
 
-namespace {
+// A named namespace: an anonymous one puts a hash of the file's path into the PTX names of its
+// shared arrays, so the shipped PTX would differ with the checkout's location.
+namespace gemv_impl {
 
 constexpr int ROWS = 8;          // output features per CTA (the mma's N)
 constexpr int KT = 32;           // k per tile: 4 lanes x 8 elements
@@ -159,7 +161,9 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
     }
 }
 
-}  // namespace
+}  // namespace gemv_impl
+
+using gemv_impl::gemv;
 
 // Launch: grid ceil(N / 8), block 32 * nwarps threads within the launch bound. U = 8 for M <= 8
 // (94 registers) and 4 above (72 and 114 registers): measured fastest on an H100 for each.
