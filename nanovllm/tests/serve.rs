@@ -281,7 +281,21 @@ async fn completions_whole_and_streamed() {
         .iter()
         .all(|c| c["choices"][0]["finish_reason"].is_null()));
 
+    // With return_token_ids the chunks carry the generated ids, whose words are the text.
+    stream_body["return_token_ids"] = json!(true);
+    let events = s.stream("/v1/completions", &stream_body).await;
+    let ids: Vec<u32> = events[..events.len() - 2]
+        .iter()
+        .flat_map(|e| {
+            let c: Value = serde_json::from_str(e).unwrap();
+            serde_json::from_value::<Vec<u32>>(c["choices"][0]["token_ids"].clone()).unwrap()
+        })
+        .collect();
+    assert_eq!(words(&ids), text);
+    assert!(r["choices"][0].get("token_ids").is_none(), "{r}");
+
     // Without include_usage no chunk carries usage.
+    stream_body["return_token_ids"] = json!(false);
     stream_body["stream_options"] = json!(null);
     let events = s.stream("/v1/completions", &stream_body).await;
     assert!(
@@ -329,12 +343,15 @@ async fn stop_strings_and_stop_token_ids_cut_the_output() {
         .collect();
     assert_eq!(streamed, &full[..cut]);
 
-    // A stop token id ends the request; the token itself is not in the text.
+    // A stop token id ends the request; the token itself is not in the text, but is in
+    // `token_ids`.
     let mut body = base.clone();
     body["stop_token_ids"] = json!([ids[3]]);
+    body["return_token_ids"] = json!(true);
     let (_, r) = s.post("/v1/completions", &body).await;
     let first = ids.iter().position(|&t| t == ids[3]).unwrap();
     assert_eq!(r["choices"][0]["text"], words(&ids[..first]));
+    assert_eq!(r["choices"][0]["token_ids"], json!(ids[..=first]));
     assert_eq!(r["choices"][0]["finish_reason"], "stop");
     assert_eq!(r["usage"]["completion_tokens"], first + 1);
 

@@ -85,6 +85,10 @@ pub struct SamplingFields {
     /// Answer as server-sent events.
     #[serde(default)]
     pub stream: bool,
+    /// Add the generated token ids to each completion choice (an extension, as in vLLM;
+    /// the only output of a model without tokenizer.json).
+    #[serde(default)]
+    pub return_token_ids: bool,
     /// Options of the event stream.
     pub stream_options: Option<StreamOptions>,
 }
@@ -293,6 +297,9 @@ pub struct CompletionChoice {
     pub logprobs: Option<()>,
     /// Why generation stopped; null until the last chunk.
     pub finish_reason: Option<&'static str>,
+    /// Generated token ids (of this chunk, when streaming), when `return_token_ids` asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// A completion response, or one chunk of a streamed one (`object` tells which).

@@ -26,6 +26,8 @@ pub struct Piece {
     pub text: String,
     /// OpenAI's finish reason, in the last piece only.
     pub finish_reason: Option<&'static str>,
+    /// The generated token ids received since the previous piece (a stop token included).
+    pub token_ids: Vec<u32>,
 }
 
 /// A request in flight.
@@ -35,6 +37,8 @@ pub struct Generation {
     stops: StopMatcher,
     prompt_tokens: usize,
     completion_tokens: usize,
+    /// Token ids not yet handed out in a piece.
+    pending_ids: Vec<u32>,
     done: bool,
     succeeded: bool,
     started: Instant,
@@ -83,6 +87,7 @@ pub async fn start(
         stops: StopMatcher::new(stop_strings),
         prompt_tokens,
         completion_tokens: 0,
+        pending_ids: Vec::new(),
         done: false,
         succeeded: false,
         started,
@@ -135,6 +140,7 @@ impl Generation {
         finish_reason: Option<FinishReason>,
     ) -> Result<Option<Piece>, ApiError> {
         self.completion_tokens += token_ids.len();
+        self.pending_ids.extend_from_slice(token_ids);
         // A request stopped by the engine ends on its end-of-sequence or stop token, which is
         // counted but not part of the text.
         let text_ids = match finish_reason {
@@ -168,12 +174,14 @@ impl Generation {
         if finish.is_some() {
             self.done = true;
             self.succeeded = true;
-        } else if text.is_empty() {
+        } else if text.is_empty() && self.state.tokenizer.is_some() {
+            // Nothing to show yet; without a tokenizer every step's token ids are a piece.
             return Ok(None);
         }
         Ok(Some(Piece {
             text,
             finish_reason: finish,
+            token_ids: std::mem::take(&mut self.pending_ids),
         }))
     }
 }

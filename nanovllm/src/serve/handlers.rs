@@ -84,14 +84,27 @@ async fn start_request(
     start(state, prompt, params, stops).await
 }
 
-/// Runs a generation to its end: the whole text and its finish reason.
-async fn collect(generation: &mut Generation) -> Result<(String, &'static str), ApiError> {
+/// A generation run to its end.
+struct Collected {
+    text: String,
+    finish_reason: &'static str,
+    token_ids: Vec<u32>,
+}
+
+/// Runs a generation to its end: the whole text, its finish reason and token ids.
+async fn collect(generation: &mut Generation) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut token_ids = Vec::new();
     while let Some(piece) = generation.next().await {
         let piece = piece?;
         text.push_str(&piece.text);
-        if let Some(reason) = piece.finish_reason {
-            return Ok((text, reason));
+        token_ids.extend_from_slice(&piece.token_ids);
+        if let Some(finish_reason) = piece.finish_reason {
+            return Ok(Collected {
+                text,
+                finish_reason,
+                token_ids,
+            });
         }
     }
     Err(ApiError::internal(
@@ -226,6 +239,7 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
         choices,
         usage,
     };
+    let return_ids = fields.return_token_ids;
     if fields.stream {
         let chunk = move |part: ChunkPart<'_>| {
             let body = match part {
@@ -236,6 +250,7 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
                         text: p.text.clone(),
                         logprobs: None,
                         finish_reason: p.finish_reason,
+                        token_ids: return_ids.then(|| p.token_ids.clone()),
                     }],
                     None,
                 ),
@@ -245,13 +260,14 @@ async fn completions_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Respons
         };
         return Ok(sse(state, generation, fields.include_usage(), chunk).into_response());
     }
-    let (text, finish_reason) = collect(&mut generation).await?;
+    let done = collect(&mut generation).await?;
     let body = response(
         vec![CompletionChoice {
             index: 0,
-            text,
+            text: done.text,
             logprobs: None,
-            finish_reason: Some(finish_reason),
+            finish_reason: Some(done.finish_reason),
+            token_ids: return_ids.then_some(done.token_ids),
         }],
         Some(generation.usage()),
     );
@@ -383,7 +399,11 @@ async fn chat_inner(state: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiE
         };
         return Ok(sse(state, generation, fields.include_usage(), chunk).into_response());
     }
-    let (content, finish_reason) = collect(&mut generation).await?;
+    let Collected {
+        text: content,
+        finish_reason,
+        ..
+    } = collect(&mut generation).await?;
     Ok(Json(ChatResponse {
         id,
         object: "chat.completion",
