@@ -221,6 +221,18 @@ impl LLM {
                 eos.push(id);
             }
         }
+        let r = &built.stats;
+        eprintln!(
+            "nanovllm: {} on {}: weights {:.2} GiB, KV cache {} blocks of {} tokens ({:.2} GiB), \
+             {} decode graphs",
+            model,
+            built.device,
+            r.weight_bytes as f64 / (1u64 << 30) as f64,
+            r.num_kvcache_blocks,
+            config.kvcache_block_size,
+            r.kvcache_bytes as f64 / (1u64 << 30) as f64,
+            r.graph_batch_sizes.len()
+        );
         let engine = LLMEngine::new(
             built.runner,
             &SchedulerConfig::from(&config),
