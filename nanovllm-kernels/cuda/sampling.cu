@@ -1,19 +1,30 @@
 // nvcc-flags:
 //
 // Token sampling (Backend::sample): one token per row of [rows, vocab] bf16 logits, the last
-// step of every forward pass. Built WITHOUT --use_fast_math: the Gumbel keys must be the
-// CPU reference's bit for bit (IEEE division, full-precision logf), or near-ties would flip.
+// step of every forward pass. Built WITHOUT --use_fast_math: the Gumbel keys that decide the
+// token are evaluated with IEEE division and full-precision logf, as the CPU reference does;
+// only the bounds that skip elements use the fast exponentials, with margins.
 //
 // Per row, with T = temperature, k = top_k, p = top_p (logits that are NaN count as -inf):
 // * T == 0 (or any T that is not > 0): argmax, lowest index on ties.
-// * T > 0, no cut (k <= 0 or k >= vocab, p >= 1): the Gumbel-max
-//   argmax_i (l_i / T - ln(-ln(u_i))), u_i = Philox4x32-10 uniform keyed by (seed, step, i),
-//   in one pass over the row. The noise is at most 16.64 (u <= 1 - 2^-24), so an element whose
-//   l_i / T + 17 trails the best key found so far cannot win and its draw is skipped; the
-//   best key is shared through shared memory so that every thread skips against the block's
-//   best. With a flat distribution (random weights) nearly every element still needs its
-//   draw, and the pass is bound by Philox's integer multiplies rather than by memory.
-// * T > 0 with a cut: the candidate set is found by radix selection on the 16-bit order key
+// * T > 0: the Gumbel-max argmax_i (l_i / T - ln(-ln(u_i))) over the candidates (every
+//   element without a cut), u_i = word i % 4 of Philox4x32-10 of counter (i / 4, step, 0, 0)
+//   keyed by the seed (backend::philox_uniform): each thread takes groups of 8 consecutive
+//   logits (one 16-byte load) and draws them with two Philox calls.
+//   Two exact bounds keep most elements from their logarithms. The noise is at most 16.64
+//   (u <= 1 - 2^-24), so a group whose largest l / T + 17 trails the block's best key cannot
+//   win; and an element can only reach the best key b when ln(-ln u) <= l / T - b, so a draw
+//   below exp(-exp(gmax / T - b)) (gmax the group's largest logit) is skipped on its Philox
+//   word alone. With the best key shared through shared memory, a few elements per row are
+//   scored exactly. Groups that pass the logit bound are queued per warp and drawn 32 at a
+//   time, so that with a peaked distribution (a trained model's) only the few groups near the
+//   top run Philox, with every lane busy.
+// * T > 0 with top-k (k <= 512, top-p or not): the elements at or above a bound on the k-th
+//   largest logit (the k-th largest of the threads' maxima) are collected into shared memory
+//   in a second pass, ranked there, cut, and drawn (sample_collected). Top-p alone does the
+//   same with the 128 most likely tokens when its nucleus lies among them (a trained model's
+//   usual case), with the softmax denominator of the whole row from the first pass.
+// * Otherwise, with a cut: the candidate set is found by radix selection on the 16-bit order key
 //   of the bf16 logits (a 4096-bin histogram of the top 12 bits in shared memory, then 16
 //   bins of the low 4 bits inside the chosen bin), by count for top-k and by probability
 //   mass softmax((l - max) / T) for top-p; the set is then "key > t, plus the first r
@@ -39,24 +50,25 @@
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 
-// First word of Philox4x32-10 of counter (index, step, 0, 0) under key (k0, k1); the same
-// function as backend::philox4x32.
-__device__ __forceinline__ uint32_t philox_first(uint32_t index, uint32_t step, uint32_t k0,
-                                                 uint32_t k1) {
-    uint32_t c0 = index, c1 = step, c2 = 0, c3 = 0;
+// Philox4x32-10 of counter (group, step, 0, 0) under key (k0, k1), all four words: the draws
+// of elements 4 group .. 4 group + 3 (backend::philox4x32 / philox_uniform).
+__device__ __forceinline__ uint4 philox4(uint32_t group, uint32_t step, uint32_t k0, uint32_t k1) {
+    uint32_t c0 = group, c1 = step, c2 = 0, c3 = 0;
 #pragma unroll
     for (int r = 0; r < 10; ++r) {
-        const uint64_t p0 = (uint64_t)PHILOX_M0 * c0;
-        const uint64_t p1 = (uint64_t)PHILOX_M1 * c2;
-        const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
-        const uint32_t n1 = (uint32_t)p1;
-        const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
-        const uint32_t n3 = (uint32_t)p0;
+        const uint32_t n0 = __umulhi(PHILOX_M1, c2) ^ c1 ^ k0;
+        const uint32_t n1 = PHILOX_M1 * c2;
+        const uint32_t n2 = __umulhi(PHILOX_M0, c0) ^ c3 ^ k1;
+        const uint32_t n3 = PHILOX_M0 * c0;
         c0 = n0; c1 = n1; c2 = n2; c3 = n3;
         k0 += PHILOX_W0;
         k1 += PHILOX_W1;
     }
-    return c0;
+    return make_uint4(c0, c1, c2, c3);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& w, int j) {
+    return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
 }
 
 // Float <-> int mapping that preserves order under signed integer comparison (atomicMax).
@@ -73,40 +85,86 @@ __device__ __forceinline__ void better(float k, uint32_t i, float& bk, uint32_t&
     }
 }
 
-// ln(-ln(u)) for the draw of element i: u = ((x >> 9) + 0.5) / 2^23 in f32, x the first
-// Philox word (backend::philox_uniform). Not inlined: the callers sit in unrolled loops, and
-// one copy of the ~110 instructions keeps the module small (its JIT time at startup).
-__device__ __noinline__ float gumbel_log(uint32_t i, uint32_t step, uint32_t k0, uint32_t k1) {
-    const uint32_t r = philox_first(i, step, k0, k1);
-    const float u = ((float)(r >> 9) + 0.5f) * (1.0f / 8388608.0f);
-    return logf(-logf(u));
+// The Gumbel key of a logit l whose draw is the Philox word x: l / T - ln(-ln(u)) with
+// u = ((x >> 9) + 0.5) / 2^23, in IEEE f32 as the CPU reference computes it. Not inlined: it
+// runs for few elements, and one copy keeps the module small (its JIT time at startup).
+__device__ __noinline__ float gumbel_key(float l, float t, uint32_t x) {
+    const float u = ((float)(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
+    return __fdiv_rn(l, t) - logf(-logf(u));
 }
 
-// The Gumbel-max draw of one row: key(i) = l_i / T - ln(-ln(u_i)).
+// A Philox word below which an element whose logit is at most gmax cannot reach the key
+// `bound` (0: no skipping). Its key is l / T - ln(-ln u) < bound once
+// u < exp(-exp(gmax / T - bound)); the fast exponentials (a few ulps off) and the rounding of
+// the exact key are covered by a margin of 1e-3 + 1e-5 (|gmax / T| + |bound|) on the exponent
+// and 1e-6 on the draw. u = (k + 0.5) / 2^23 with k = x >> 9 lies below thr whenever
+// k < floor(thr 2^23), i.e. x < floor(thr 2^23) << 9.
+__device__ __forceinline__ uint32_t draw_floor_word(float gmax, float inv_t, float bound) {
+    const float q = gmax * inv_t;
+    const float a = q - bound + 1e-3f + 1e-5f * (fabsf(q) + fabsf(bound));
+    if (!(a < 20.f)) return 0u;  // also NaN (infinite q or bound): no skipping
+    const float thr = __expf(-__expf(a)) - 1e-6f;
+    if (!(thr > 0.f)) return 0u;
+    return __float2uint_rd(thr * 8388608.f) << 9;  // thr < 1 - 1e-6: fits in 32 bits
+}
+
+// A bf16 logit as f32, NaN read as -inf (the CPU reference's total order).
+__device__ __forceinline__ float logit_of(float x) { return isnan(x) ? -INFINITY : x; }
+
+// Element j (0..7) of a group, as a logit; j may be a run-time value.
+__device__ __forceinline__ float elem(const uint4& v, int j) {
+    const uint32_t w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+    return logit_of((j & 1) ? bf16_hi(w) : bf16_lo(w));
+}
+
+// The Gumbel-max draw of one row.
 struct Gumbel {
-    float t;
+    float t, inv_t;
     uint32_t step, k0, k1;
     int* best;  // shared: the block's best key so far, as ord_of
 
-    // Folds element i (logit l) into the thread's (bk, bi), skipping the draw when even the
-    // largest noise could not lift it above the block's best key.
-    __device__ __forceinline__ void visit(int i, float l, float& bk, uint32_t& bi) const {
-        const float q = __fdiv_rn(l, t);
-        const float bound = fmaxf(bk, float_of(*(volatile int*)best));
-        if (q + GUMBEL_MAX < bound) return;
-        const float key = q - gumbel_log((uint32_t)i, step, k0, k1);
-        if (key > bk || (key == bk && (uint32_t)i < bi)) {
-            bk = key;
-            bi = (uint32_t)i;
-            atomicMax(best, ord_of(key));
+    __device__ __forceinline__ float bound(float bk) const {
+        return fmaxf(bk, float_of(*(volatile int*)best));
+    }
+
+    // Draws the members (bits of `mask`) of the group of 8 logits `v` at element i0 (a
+    // multiple of 8) and folds them into the thread's (bk, bi). Each half of the group is one
+    // Philox call, made only when the mask has a member there; an element is scored exactly
+    // only when its word passes the draw floor of the best key known.
+    __device__ __forceinline__ void draw(int i0, uint32_t mask, const uint4& v, float& bk,
+                                         uint32_t& bi) const {
+        float gmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            if (mask >> j & 1u) gmax = fmaxf(gmax, elem(v, j));
+        const uint32_t g0 = (uint32_t)i0 >> 2;
+        const bool lo = (mask & 0x0fu) != 0u;
+        const uint4 wa = philox4(lo ? g0 : g0 + 1u, step, k0, k1);
+        uint4 wb = wa;
+        if (lo && (mask & 0xf0u)) wb = philox4(g0 + 1u, step, k0, k1);
+        uint32_t min_word = draw_floor_word(gmax, inv_t, bound(bk));
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (!(mask >> j & 1u)) continue;
+            const uint32_t x = word(j < 4 ? wa : wb, j & 3);
+            if (x < min_word) continue;
+            const float key = gumbel_key(elem(v, j), t, x);
+            const uint32_t i = (uint32_t)(i0 + j);
+            if (key > bk || (key == bk && i < bi)) {
+                bk = key;
+                bi = i;
+                atomicMax(best, ord_of(key));
+                min_word = draw_floor_word(gmax, inv_t, bound(bk));
+            }
         }
     }
 };
 
-// Monotone map of bf16 bits to 16-bit unsigned keys: the order of f32::total_cmp, which
-// the CPU reference ranks candidates by (so -0 < +0).
+// Monotone map of bf16 bits to 16-bit unsigned keys, larger logit first: the order the CPU
+// reference ranks candidates by (-0 ranks as +0; callers map NaN to -inf first).
 __device__ __forceinline__ uint32_t order_key(float x) {
-    const uint32_t b = __float_as_uint(x) >> 16;
+    uint32_t b = __float_as_uint(x) >> 16;
+    if (b == 0x8000u) b = 0u;
     return (b & 0x8000u) ? (~b & 0xffffu) : (b | 0x8000u);
 }
 __device__ __forceinline__ float key_value(uint32_t key) {
@@ -114,11 +172,30 @@ __device__ __forceinline__ float key_value(uint32_t key) {
     return __uint_as_float(b << 16);
 }
 
+// The top-k path that collects its candidates (sample_collected): at most COLLECT_K, out of at
+// most COLLECT_CAP elements collected above a bound.
+#define COLLECT_K 512
+#define COLLECT_CAP 1024
+// Top-p alone first looks for the nucleus among the TOPP_COLLECT most likely tokens.
+#define TOPP_COLLECT 128
+
+// gumbel_pass keeps STAGES - 1 of each thread's 16-byte groups in flight (cp.async into
+// shared memory, so that no registers wait on them).
+#define STAGES 4
+
 struct Smem {
     union {
         int count[BINS];
         float mass[BINS];
+        struct {
+            uint2 coll[COLLECT_CAP];   // (index, order key) of each collected element
+            uint2 sorted[COLLECT_K];   // the top k of them in rank order
+            float e[COLLECT_K];        // their softmax weights, for top-p
+        } top;
+        uint4 ring[STAGES][THREADS];   // gumbel_pass: each thread's groups in flight
     } hist;
+    int n_coll;
+    int keep;
     int count16[16];
     float mass16[16];
     int iscan[33];
@@ -132,13 +209,11 @@ struct Smem {
     int r_tie;
     float m;
     int best;  // Gumbel::best
-    // Per-warp queue of Gumbel candidates (index, logit): at most 31 left over plus 32 new.
-    int queue_idx[THREADS / 32][64];
-    float queue_val[THREADS / 32][64];
+    // Per-warp queue of groups to draw (first element, member mask): at most 31 left over plus
+    // 32 new.
+    int queue_i0[THREADS / 32][64];
+    uint8_t queue_mask[THREADS / 32][64];
 };
-
-// A bf16 logit as f32, NaN read as -inf (the CPU reference's total order).
-__device__ __forceinline__ float logit_of(float x) { return isnan(x) ? -INFINITY : x; }
 
 // f(i, x) for every element i in [lo, hi) of the row, each thread taking 16-byte vectors
 // (lo and hi multiples of 8 when vec) with UNROLL loads in flight.
@@ -401,10 +476,114 @@ __device__ __forceinline__ uint4 load8(const bf16* __restrict__ row, int i, int 
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Element j (0..7) of a group, as a logit; j may be a run-time value.
-__device__ __forceinline__ float elem(const uint4& v, int j) {
-    const uint32_t w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
-    return logit_of((j & 1) ? bf16_hi(w) : bf16_lo(w));
+// Top-k (k <= COLLECT_K), with or without top-p, or top-p alone (all: k is then the number
+// of most likely tokens the nucleus is looked for in), from a collected candidate list: two
+// passes over the row instead of the histogram passes of select_candidates. Returns false,
+// having drawn nothing, when more than COLLECT_CAP elements pass the bound (many equal
+// logits), or (all) when the nucleus reaches past the k most likely tokens or the largest
+// logit / T is infinite; the caller then takes the histogram path.
+//
+// Pass 1: each thread's largest order key (and, for top-p alone, its running max and sum of
+// exp(l / T - max), which give the softmax denominator over the whole row). The k-th largest
+// of the thread maxima is the k-th largest of k distinct elements, so it cannot exceed the
+// k-th largest key of the row: every top-k element has a key at or above the lowest key t0
+// of its 12-bit bin (found with the bin histogram of the maxima, 512 atomics). Pass 2
+// collects the elements with key >= t0, which is a prefix of the row in rank order. In
+// shared memory: each collected element's rank (logit desc, index asc) by counting, the
+// first k in rank order, the top-p cut over them as the CPU reference computes it (weights
+// exp(l / T - top) in rank order; with top-k their sum in sequence, alone the whole row's;
+// keep while the mass before a token is below p), and the Gumbel-max over the members, one
+// per thread.
+__device__ bool sample_collected(const bf16* __restrict__ row, int vocab, bool vec, int k, float p,
+                                 bool all, const Gumbel& g, float& bk, uint32_t& bi, Smem& sm) {
+    uint32_t tmax = 0;
+    bool any = false;
+    float qmax = -INFINITY, qsum = 0.f;  // all: running max of l / T and sum of exp(l / T - it)
+    for_each<4>(row, 0, vocab, vec, [&](int, float x) {
+        tmax = max(tmax, order_key(x));
+        any = true;
+        if (all) {
+            const float q = x * g.inv_t;
+            if (q > qmax) {
+                qsum = qsum * __expf(qmax - q) + 1.f;
+                qmax = q;
+            } else if (q > -INFINITY) {
+                qsum += __expf(q - qmax);
+            }
+        }
+    });
+    float z_all = 0.f;
+    if (all) {
+        const float m = block_max(qmax, sm.fscan);
+        if (!isfinite(m)) return false;  // uniform; the CPU reference makes no cut then
+        float total;
+        block_excl_scan(qmax > -INFINITY ? qsum * __expf(qmax - m) : 0.f, sm.fscan, total);
+        z_all = total;
+    }
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x) sm.hist.count[b] = 0;
+    if (threadIdx.x == 0) sm.n_coll = 0;
+    __syncthreads();
+    if (any) atomicAdd(&sm.hist.count[tmax >> 4], 1);
+    const int holders = __syncthreads_count(any);
+    uint32_t t0 = 0;  // fewer threads than k hold elements: collect everything
+    if (holders >= k) {
+        int above;
+        t0 = (uint32_t)find_from_top(sm.hist.count, k, above, sm.iscan, &sm.bin, &sm.iabove) << 4;
+    }
+    __syncthreads();  // the histogram's space becomes the collection
+
+    for_each<4>(row, 0, vocab, vec, [&](int i, float x) {
+        const uint32_t key = order_key(x);
+        if (key >= t0) {
+            const int slot = atomicAdd(&sm.n_coll, 1);
+            if (slot < COLLECT_CAP) sm.hist.top.coll[slot] = make_uint2((uint32_t)i, key);
+        }
+    });
+    __syncthreads();
+    const int n = sm.n_coll;
+    if (n > COLLECT_CAP) return false;  // uniform: every thread read the same count
+
+    const int kk = min(k, n);
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        const uint2 me = sm.hist.top.coll[c];
+        int rank = 0;
+        for (int d = 0; d < n; ++d) {
+            const uint2 o = sm.hist.top.coll[d];
+            rank += (o.y > me.y || (o.y == me.y && o.x < me.x));
+        }
+        if (rank < kk) sm.hist.top.sorted[rank] = me;
+    }
+    __syncthreads();
+
+    int keep = kk;
+    const float top = __fdiv_rn(key_value(sm.hist.top.sorted[0].y), g.t);
+    __syncthreads();  // every thread has read sorted[0] before a fallback reuses the space
+    if (all && !isfinite(top)) return false;  // uniform: no cut then, every token a candidate
+    if (p < 1.f && isfinite(top)) {
+        for (int r = threadIdx.x; r < kk; r += blockDim.x)
+            sm.hist.top.e[r] = expf(__fdiv_rn(key_value(sm.hist.top.sorted[r].y), g.t) - top);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float z = z_all;
+            if (!all)
+                for (int r = 0; r < kk; ++r) z += sm.hist.top.e[r];
+            float before = sm.hist.top.e[0];
+            int m = 1;
+            while (m < kk && __fdiv_rn(before, z) < p) before += sm.hist.top.e[m++];
+            // All: the nucleus is only known to end here if it ended before the last token
+            // collected (or every token was collected).
+            sm.keep = all && kk < vocab && !(__fdiv_rn(before, z) >= p) ? -1 : m;
+        }
+        __syncthreads();
+        keep = sm.keep;
+        if (keep < 0) return false;
+    }
+    for (int r = threadIdx.x; r < keep; r += blockDim.x) {
+        const uint2 c = sm.hist.top.sorted[r];
+        const uint4 w = philox4(c.x >> 2, g.step, g.k0, g.k1);
+        better(gumbel_key(key_value(c.y), g.t, word(w, c.x & 3)), c.x, bk, bi);
+    }
+    return true;
 }
 
 // Logits below this cannot win against `bound` (the best key known): l < thr implies
@@ -415,32 +594,67 @@ __device__ __forceinline__ float skip_threshold(float bound, float t) {
     return (bound - (GUMBEL_MAX + 0.5f) - 1e-5f * fabsf(bound)) * t;
 }
 
-// The Gumbel-max over the candidates in [lo, hi): key > t_key, or key == t_key and among the
-// first r_tie such elements by index (all of them when r_tie < 0).
+// 16-byte copy global -> shared that completes in the background (cp.async, cached in L1
+// so that Gumbel::draw's re-read of a queued group usually hits it); commit closes a group
+// of copies, wait<N> waits until at most N of this thread's groups are still pending.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The Gumbel-max over the candidates in [lo, hi) (lo a multiple of 8): with FILTERED, key >
+// t_key, or key == t_key and among the first r_tie such elements by index (all of them when
+// r_tie < 0); without, every element.
 //
-// Thread tid takes the 8 elements [base + 8 tid, + 8) of each chunk of 8 * blockDim (so ties
-// count in index order with one block scan per chunk), loading the next group before scoring
-// the current one. A group whose largest logit is below the skip threshold of the block's best
-// key costs one comparison. Elements that survive are queued per warp in shared memory and
-// drawn 32 at a time, so a warp runs Philox with all lanes busy instead of once per lane that
-// happens to need it.
+// Thread tid takes the group of 8 elements [base + 8 tid, + 8) of each chunk of 8 * blockDim
+// (so ties count in index order with one block scan per chunk). With 16-byte rows the groups
+// of the next STAGES - 1 chunks are in flight into the thread's own slots of a shared ring
+// (no barrier needed: each thread reads only what it copied). Its members at or above the
+// logit skip threshold of the block's best key form a mask; a group with any is queued per
+// warp in shared memory, and the warp draws 32 queued groups at a time, one per lane
+// (Gumbel::draw, which reloads the group's logits).
+template <bool FILTERED>
 __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool vec,
                             const Gumbel& g, uint32_t t_key, int r_tie, float& bk, uint32_t& bi,
                             Smem& sm) {
     const int stride = blockDim.x * 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const uint32_t lanes_below = (1u << lane) - 1u;
-    int* qi = sm.queue_idx[warp];
-    float* qv = sm.queue_val[warp];
-    int qn = 0;  // queued entries, the same in every lane of the warp
+    int* qi = sm.queue_i0[warp];
+    uint8_t* qm = sm.queue_mask[warp];
+    int qn = 0;  // queued groups, the same in every lane of the warp
     int running = 0;
-    uint4 nxt = load8(row, lo + threadIdx.x * 8, hi, vec);
-    for (int base = lo; base < hi; base += stride) {
-        const int i0 = base + threadIdx.x * 8;
-        const uint4 cur = nxt;
-        if (base + stride < hi) nxt = load8(row, i0 + stride, hi, vec);
+    const int chunks = (hi - lo + stride - 1) / stride;
+    // Starts the copy of this thread's group of chunk c (one commit group, empty past the end).
+    auto issue = [&](int c) {
+        const int i = lo + c * stride + threadIdx.x * 8;
+        if (c < chunks && i < hi) cp_async16(&sm.hist.ring[c % STAGES][threadIdx.x], row + i);
+        cp_async_commit();
+    };
+    if (vec) {
+#pragma unroll
+        for (int c = 0; c < STAGES - 1; ++c) issue(c);
+    }
+    for (int c = 0; c < chunks; ++c) {
+        const int i0 = lo + c * stride + threadIdx.x * 8;
+        uint4 cur;
+        if (vec) {
+            issue(c + STAGES - 1);  // into the slot read in iteration c - 1
+            cp_async_wait<STAGES - 1>();
+            cur = i0 < hi ? sm.hist.ring[c % STAGES][threadIdx.x]
+                          : make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+        } else {
+            cur = load8(row, i0, hi, false);
+        }
         int rank = 0;
-        if (r_tie >= 0) {
+        if (FILTERED && r_tie >= 0) {
             int ties = 0;
 #pragma unroll
             for (int j = 0; j < 8; ++j) ties += (i0 + j < hi && order_key(elem(cur, j)) == t_key);
@@ -448,43 +662,37 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
             rank = running + block_excl_scan(ties, sm.iscan, total);
             running += total;
         }
-        const float thr = skip_threshold(fmaxf(bk, float_of(*(volatile int*)g.best)), g.t);
-        float gmax = -INFINITY;
-        uint32_t kmax = 0;
+        const float thr = skip_threshold(g.bound(bk), g.t);
+        uint32_t mask = 0;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const float x = elem(cur, j);
-            gmax = fmaxf(gmax, x);
-            kmax = max(kmax, order_key(x));
+            bool member = i0 + j < hi;
+            if (FILTERED) {
+                const uint32_t key = order_key(x);
+                member = member && key >= t_key;
+                if (member && key == t_key && r_tie >= 0) member = rank++ < r_tie;
+            }
+            if (member && x >= thr) mask |= 1u << j;
         }
-        // i0 >= hi: the group is padding (-inf keys) and never holds a member.
-        const bool maybe = i0 < hi && gmax >= thr && kmax >= t_key;
-        if (!__any_sync(0xffffffffu, maybe)) continue;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int i = i0 + j;
-            const float x = elem(cur, j);
-            const uint32_t key = order_key(x);
-            bool member = i < hi && key >= t_key;
-            if (member && key == t_key && r_tie >= 0) member = rank++ < r_tie;
-            const bool cand = member && x >= thr;
-            const uint32_t ballot = __ballot_sync(0xffffffffu, cand);
-            if (cand) {
-                const int pos = qn + __popc(ballot & lanes_below);
-                qi[pos] = i;
-                qv[pos] = x;
-            }
-            qn += __popc(ballot);
-            if (qn >= 32) {  // draw 32 queued candidates, one per lane
-                __syncwarp();
-                g.visit(qi[qn - 32 + lane], qv[qn - 32 + lane], bk, bi);
-                qn -= 32;
-                __syncwarp();
-            }
+        const uint32_t ballot = __ballot_sync(0xffffffffu, mask != 0u);
+        if (mask) {
+            const int pos = qn + __popc(ballot & lanes_below);
+            qi[pos] = i0;
+            qm[pos] = (uint8_t)mask;
+        }
+        qn += __popc(ballot);
+        if (qn >= 32) {  // draw 32 queued groups, one per lane
+            __syncwarp();
+            const int e = qn - 32 + lane;
+            g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
+            qn -= 32;
+            __syncwarp();
         }
     }
+    cp_async_wait<0>();  // the ring's space is the histogram's again after the pass
     __syncwarp();
-    if (lane < qn) g.visit(qi[lane], qv[lane], bk, bi);
+    if (lane < qn) g.draw(qi[lane], qm[lane], load8(row, qi[lane], hi, vec), bk, bi);
 }
 
 // Block-wide (max key, lowest index on ties); thread 0 gets the result.
@@ -531,7 +739,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     const bool greedy = !(t > 0.f);
     const bool filtered = !greedy && ((k > 0 && k < vocab) || p < 1.f);
     const unsigned long long seed = seeds[row];
-    const Gumbel g{t, steps[row], (uint32_t)seed, (uint32_t)(seed >> 32), &sm.best};
+    const Gumbel g{t, 1.f / t, steps[row], (uint32_t)seed, (uint32_t)(seed >> 32), &sm.best};
     if (threadIdx.x == 0) sm.best = ord_of(-INFINITY);
     __syncthreads();
 
@@ -542,12 +750,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     if (greedy) {
         for_each<4>(r, lo, hi, vec, [&](int i, float x) { better(x, (uint32_t)i, bk, bi); });
     } else if (!filtered) {
-        gumbel_pass(r, lo, hi, vec, g, 0u, -1, bk, bi, sm);  // key >= 0: every element
+        gumbel_pass<false>(r, lo, hi, vec, g, 0u, -1, bk, bi, sm);
     } else if (split == 0) {
-        uint32_t t_key;
-        int r_tie;
-        select_candidates(r, vocab, vec, t, k, p, sm, t_key, r_tie);
-        gumbel_pass(r, 0, vocab, vec, g, t_key, r_tie, bk, bi, sm);
+        const bool cut_k = k > 0 && k < vocab;
+        const bool collected =
+            cut_k ? k <= COLLECT_K && sample_collected(r, vocab, vec, k, p, false, g, bk, bi, sm)
+                  : sample_collected(r, vocab, vec, TOPP_COLLECT, p, true, g, bk, bi, sm);
+        if (!collected) {
+            uint32_t t_key;
+            int r_tie;
+            select_candidates(r, vocab, vec, t, k, p, sm, t_key, r_tie);
+            gumbel_pass<true>(r, 0, vocab, vec, g, t_key, r_tie, bk, bi, sm);
+        }
     }
     block_argmax(bk, bi, sm);
     if (threadIdx.x == 0) {

@@ -508,6 +508,8 @@ fn real_main() -> Result<()> {
             (rows, "T=0.8 top_k=50", 0.8, 50, 1.0, false),
             (rows, "T=0.8 top_k=50 peaked", 0.8, 50, 1.0, true),
             (rows, "T=1 top_p=0.9", 1.0, 0, 0.9, false),
+            (rows, "T=1 top_p=0.9 peaked", 1.0, 0, 0.9, true),
+            (rows, "T=0.7 k=40 p=0.8", 0.7, 40, 0.8, false),
             (rows, "T=0.7 k=40 p=0.8 peaked", 0.7, 40, 0.8, true),
             (16, "T=0.6 flat", 0.6, 0, 1.0, false),
             (1, "greedy", 0.0, 0, 1.0, false),

@@ -842,14 +842,22 @@ struct Sample {
 }
 
 impl Sample {
-    /// `mix`: "greedy", "gumbel" (T = 0.6, no cut), or "mixed" (rows cycle through greedy,
-    /// plain temperature, top-k, top-p, and both). `peaked` adds a few dominant logits per row
-    /// (a trained model's shape) to the normal noise.
+    /// `mix`: "greedy", "gumbel" (T = 0.6, no cut), "mixed" (rows cycle through greedy,
+    /// plain temperature, top-k, top-p, and both), or "ties" (as mixed, with the logits
+    /// rounded to multiples of 8: thousands of equal logits at every cut). `peaked` adds a few
+    /// dominant logits per row (a trained model's shape) to the normal noise.
     fn new(rng: &mut Rng, rows: usize, vocab: usize, mix: &'static str, peaked: bool) -> Self {
         let mut logits = Vec::with_capacity(rows * vocab);
+        let round = |x: f32| {
+            if mix == "ties" {
+                (x / 8.0).round() * 8.0
+            } else {
+                x
+            }
+        };
         for _ in 0..rows {
             let start = logits.len();
-            logits.extend((0..vocab).map(|_| bf16::from_f32(2.0 * rng.normal())));
+            logits.extend((0..vocab).map(|_| bf16::from_f32(round(2.0 * rng.normal()))));
             if peaked {
                 for _ in 0..5 {
                     let i = start + rng.below(vocab);
@@ -1433,6 +1441,7 @@ fn main() {
             (256, v, "gumbel", false),
             (256, v, "gumbel", true),
             (256, v, "mixed", false),
+            (60, v, "ties", false),
             (512, 1000, "mixed", false),
             (100, 4099, "mixed", true),
             (3, 17, "mixed", false),

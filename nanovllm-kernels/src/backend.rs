@@ -292,8 +292,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// candidates are the `top_k` most likely tokens (all when 0), cut further to the smallest
     /// most-likely set whose probability (softmax of `logits / temperature` over the
     /// candidates) reaches `top_p`; the token is then the Gumbel-max
-    /// `argmax_i (logits_i / T - ln(-ln(u_i)))` over the candidates, where
-    /// `u_i = philox_uniform(seeds[r], steps[r], i)` (see [`crate::backend::philox_uniform`]).
+    /// `argmax_i (logits_i / T - ln(-ln(u_i)))` over the candidates (lowest index on ties),
+    /// where `u_i = philox_uniform(seeds[r], steps[r], i)` (see
+    /// [`crate::backend::philox_uniform`]: one Philox call serves four consecutive tokens).
+    ///
+    /// The key is defined in f32 as `fl(fl(l_i / T) - fl(ln(fl(-ln(u_i)))))`, IEEE division and
+    /// the platform's `ln`. Backends only evaluate it for tokens that could still win: a draw
+    /// `u_i` so small (or a logit so low) that the key must trail the best one found is
+    /// skipped by a bound with a margin far above rounding, so skipping never changes the
+    /// token. Backends agree token for token except where two keys lie within a few ulps of
+    /// each other and the `ln` of two platforms (CUDA's `logf`, the C library's) round
+    /// differently, or where top-p's softmax sums, computed in another order (on CUDA partly
+    /// with fast exponentials), fall on the other side of `top_p`: rare near-ties, not a
+    /// difference in distribution.
     fn sample(
         &self,
         logits: &Self::Buf<bf16>,
@@ -332,18 +343,26 @@ pub fn philox4x32(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
 }
 
 /// The uniform draw in (0, 1) for token `index` at `step` of a request seeded with `seed`:
-/// Philox4x32-10 keyed by the seed, counter `(index, step, 0, 0)`, first word `x`, as
-/// `((x >> 9) + 0.5) / 2^23` in f32. Every step of that is exact, so the result lies in
-/// `[2^-24, 1 - 2^-24]`: never 0, never 1. (With 24 bits, `(2^24 - 1) + 0.5` would round to
-/// `2^24` and give exactly 1, whose Gumbel noise `-ln(-ln(u))` is infinite.)
+/// Philox4x32-10 keyed by the seed (`[seed as u32, (seed >> 32) as u32]`), counter
+/// `(index / 4, step, 0, 0)`, word `x = out[index % 4]`, as `((x >> 9) + 0.5) / 2^23` in f32.
+/// One Philox call thus serves the four consecutive tokens `4c..4c + 4`, which is how the
+/// samplers evaluate it (see [`philox_uniform4`]). Every step of the conversion is exact, so
+/// the result lies in `[2^-24, 1 - 2^-24]`: never 0, never 1. (With 24 bits,
+/// `(2^24 - 1) + 0.5` would round to `2^24` and give exactly 1, whose Gumbel noise
+/// `-ln(-ln(u))` is infinite.)
 pub fn philox_uniform(seed: u64, step: u32, index: u32) -> f32 {
-    let r = philox4x32([index, step, 0, 0], [seed as u32, (seed >> 32) as u32]);
-    uniform_from_bits(r[0])
+    philox_uniform4(seed, step, index / 4)[(index % 4) as usize]
+}
+
+/// The draws of tokens `4 * group .. 4 * group + 4` (see [`philox_uniform`]): one
+/// Philox4x32-10 call, its four words in order.
+pub fn philox_uniform4(seed: u64, step: u32, group: u32) -> [f32; 4] {
+    philox4x32([group, step, 0, 0], [seed as u32, (seed >> 32) as u32]).map(uniform_from_bits)
 }
 
 /// `((x >> 9) + 0.5) / 2^23` in f32: the top 23 bits of `x` as the centre of one of 2^23
 /// equal cells of (0, 1).
-fn uniform_from_bits(x: u32) -> f32 {
+pub(crate) fn uniform_from_bits(x: u32) -> f32 {
     (((x >> 9) as f32) + 0.5) * (1.0 / 8_388_608.0)
 }
 
@@ -362,6 +381,29 @@ mod tests {
             philox4x32([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
         );
+    }
+
+    /// Four consecutive tokens share one Philox call, word `index % 4` each (a regression
+    /// check of the definition against the known answer above: seed 0, step 0, tokens 0..4).
+    #[test]
+    fn uniform_uses_every_word_of_a_call() {
+        let words = [0x6627_e8d5u32, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8];
+        for (i, &w) in words.iter().enumerate() {
+            assert_eq!(philox_uniform(0, 0, i as u32), uniform_from_bits(w));
+        }
+        let r = philox4x32([1, 9, 0, 0], [5, 0]);
+        for i in 4..8 {
+            assert_eq!(
+                philox_uniform(5, 9, i),
+                uniform_from_bits(r[i as usize - 4])
+            );
+        }
+        assert_eq!(
+            philox_uniform4(5, 9, 1),
+            std::array::from_fn(|l| philox_uniform(5, 9, 4 + l as u32))
+        );
+        // Distinct words: the draws of a group are not copies of one another.
+        assert_ne!(philox_uniform(5, 9, 4), philox_uniform(5, 9, 5));
     }
 
     #[test]

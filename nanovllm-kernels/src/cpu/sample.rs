@@ -8,10 +8,13 @@
 //!   exceeds `1 - 2^-24`, so a token whose `logit / T` trails the best score found so far by
 //!   more than that bound cannot win: with a peaked distribution most of the vocabulary is
 //!   skipped.
-//! * Over the whole vocabulary (no top-k or top-p cut), the draws are computed 8 at a time in
-//!   vector registers, and a draw too small to win even for the most likely token
-//!   ([`draw_floor`]) skips its two logarithms: with a flat distribution (random weights)
-//!   nearly every draw is skipped that way.
+//! * A draw too small to win even for the most likely candidate ([`draw_floor`]) skips its
+//!   two logarithms: with a flat distribution (random weights) nearly every draw is skipped
+//!   that way.
+//!
+//! Over the whole vocabulary, or when the top-k / top-p cut keeps many candidates, the row is
+//! swept in index order with the draws of 32 tokens (8 Philox calls of 4 words each) computed
+//! in lockstep in vector registers; a short candidate list draws per candidate instead.
 
 use half::bf16;
 use nanovllm_utils::{Error, Result};
@@ -19,7 +22,7 @@ use rayon::prelude::*;
 
 use super::simd::{f32_of, multiversion, Isa};
 use super::{numel, prefix, prefix_mut};
-use crate::backend::philox_uniform;
+use crate::backend::{philox_uniform, uniform_from_bits};
 
 /// Upper bound of the Gumbel noise `-ln(-ln(u))` over every `u` that
 /// [`philox_uniform`] returns (at most `1 - 2^-24`, where the noise is 16.64).
@@ -115,10 +118,14 @@ fn argmax(row: &[bf16]) -> u32 {
     best.1
 }
 
+/// Candidate lists at least this fraction of the vocabulary (1 / n) are drawn by a sweep over
+/// the row ([`gumbel_sweep`]) rather than one Philox call per candidate.
+const SWEEP_FRACTION: usize = 16;
+
 /// Gumbel-max over the candidates of one row (top-k cut to `k`, top-p cut to `top_p`).
 fn sample_row(row: &[bf16], t: f32, k: usize, top_p: f32, seed: u64, step: u32) -> u32 {
     if k == row.len() && top_p >= 1.0 {
-        return gumbel_max_all(true, row, t, seed, step);
+        return gumbel_sweep(true, row, t, seed, step, argmax(row), None);
     }
     let mut cand = ranked(row, k);
     let top = logit(row, cand[0]) / t;
@@ -138,8 +145,14 @@ fn sample_row(row: &[bf16], t: f32, k: usize, top_p: f32, seed: u64, step: u32) 
         }
         cand.truncate(keep);
     }
-    let draw = |i: u32| score(row, t, i, philox_uniform(seed, step, i));
-    gumbel_max(cand.iter().copied(), cand[0], row, t, &draw)
+    if cand.len() >= row.len() / SWEEP_FRACTION {
+        let mut member = vec![false; row.len()];
+        for &i in &cand {
+            member[i as usize] = true;
+        }
+        return gumbel_sweep(true, row, t, seed, step, cand[0], Some(&member));
+    }
+    gumbel_max(&cand, row, t, seed, step)
 }
 
 /// The rank of a logit as a 16-bit key, smaller first: descending value, with NaN ranked as
@@ -194,23 +207,26 @@ fn ranked(row: &[bf16], k: usize) -> Vec<u32> {
     out
 }
 
-/// `argmax_i score(i)` over `cands` (lowest index on ties), skipping tokens that cannot win;
-/// `top` is a candidate with the largest logit, scored first so that skipping starts early.
-fn gumbel_max(
-    cands: impl Iterator<Item = u32>,
-    top: u32,
-    row: &[bf16],
-    t: f32,
-    score: &impl Fn(u32) -> f32,
-) -> u32 {
-    let mut best = (score(top), top);
-    for i in cands {
+/// `argmax_i score(i)` over `cands` (lowest index on ties), `cands[0]` a candidate with the
+/// largest logit, scored first so that skipping starts early; tokens that cannot win (a logit
+/// too low, or a draw below [`draw_floor`]) skip their logarithms.
+fn gumbel_max(cands: &[u32], row: &[bf16], t: f32, seed: u64, step: u32) -> u32 {
+    let top = cands[0];
+    let top_a = logit(row, top) / t;
+    let mut best = (score(row, t, top, philox_uniform(seed, step, top)), top);
+    let mut floor = draw_floor(best.0, top_a);
+    for &i in cands {
         if logit(row, i) / t + GUMBEL_MAX < best.0 {
             continue;
         }
-        let s = score(i);
+        let u = philox_uniform(seed, step, i);
+        if u < floor {
+            continue;
+        }
+        let s = score(row, t, i, u);
         if s > best.0 || (s == best.0 && i < best.1) {
             best = (s, i);
+            floor = draw_floor(best.0, top_a);
         }
     }
     best.1
@@ -220,12 +236,16 @@ fn gumbel_max(
 const PHILOX_M: [u32; 2] = [0xD251_1F53, 0xCD9E_8D57];
 const PHILOX_W: [u32; 2] = [0x9E37_79B9, 0xBB67_AE85];
 
-/// [`philox_uniform`] for the 8 indices `i0..i0 + 8`, computed in lockstep so that the
-/// compiler vectorizes the rounds; bit-for-bit the same values.
+/// Tokens whose draws one [`philox_uniform_x32`] call yields.
+const SWEEP_TOKENS: usize = 32;
+
+/// [`philox_uniform`] for the 32 tokens `4 * g0 .. 4 * g0 + 32`: the 8 Philox calls of groups
+/// `g0..g0 + 8` computed in lockstep so that the compiler vectorizes the rounds, then word `w`
+/// of call `l` as token `4 * (g0 + l) + w`; bit-for-bit the same values.
 #[inline(always)]
-fn philox_uniform_x8(seed: u64, step: u32, i0: u32) -> [f32; 8] {
+fn philox_uniform_x32(seed: u64, step: u32, g0: u32) -> [f32; SWEEP_TOKENS] {
     let mut c: [[u32; 8]; 4] = [
-        std::array::from_fn(|l| i0.wrapping_add(l as u32)),
+        std::array::from_fn(|l| g0.wrapping_add(l as u32)),
         [step; 8],
         [0; 8],
         [0; 8],
@@ -248,7 +268,7 @@ fn philox_uniform_x8(seed: u64, step: u32, i0: u32) -> [f32; 8] {
         key[0] = key[0].wrapping_add(PHILOX_W[0]);
         key[1] = key[1].wrapping_add(PHILOX_W[1]);
     }
-    c[0].map(|x| ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0))
+    std::array::from_fn(|j| uniform_from_bits(c[j % 4][j / 4]))
 }
 
 /// The Gumbel-max score of token `i`: `logit / t - ln(-ln(u_i))` in f32.
@@ -274,35 +294,49 @@ fn draw_floor(best: f32, top: f32) -> f32 {
 }
 
 multiversion! {
-    /// Gumbel-max over the whole vocabulary of `row` (no top-k or top-p cut).
-    fn gumbel_max_all = gumbel_max_all_impl / gumbel_max_all_avx2(
+    /// Gumbel-max over the tokens of `row` marked in `member` (all when `None`); `top` is a
+    /// member with the largest logit among them.
+    fn gumbel_sweep = gumbel_sweep_impl / gumbel_sweep_avx2(
         row: &[bf16],
         t: f32,
         seed: u64,
         step: u32,
+        top: u32,
+        member: Option<&[bool]>,
     ) -> u32
 }
 
-/// Draws come 8 at a time; a draw below [`draw_floor`] of the best score so far (or a token
+/// Draws come 32 at a time; a draw below [`draw_floor`] of the best score so far (or a token
 /// whose `logit / t` trails it by more than [`GUMBEL_MAX`]) cannot win, so its logarithms are
-/// skipped. The best score starts at the most likely token's, so that few draws survive.
+/// skipped. The best score starts at `top`'s, so that few draws survive.
 #[inline(always)]
-fn gumbel_max_all_impl<I: Isa>(_isa: I, row: &[bf16], t: f32, seed: u64, step: u32) -> u32 {
+fn gumbel_sweep_impl<I: Isa>(
+    _isa: I,
+    row: &[bf16],
+    t: f32,
+    seed: u64,
+    step: u32,
+    top: u32,
+    member: Option<&[bool]>,
+) -> u32 {
     let vocab = row.len();
-    let top = argmax(row);
     let top_a = logit(row, top) / t;
     let mut best = (score(row, t, top, philox_uniform(seed, step, top)), top);
     let mut floor = draw_floor(best.0, top_a);
-    for i0 in (0..vocab).step_by(8) {
-        let draws = philox_uniform_x8(seed, step, i0 as u32);
+    for i0 in (0..vocab).step_by(SWEEP_TOKENS) {
+        // i0 < vocab <= u32::MAX, so the group index i0 / 4 fits.
+        let draws = philox_uniform_x32(seed, step, (i0 / 4) as u32);
         for (l, &u) in draws.iter().enumerate().take(vocab - i0) {
-            let i = (i0 + l) as u32;
-            if u < floor || logit(row, i) / t + GUMBEL_MAX < best.0 {
+            let i = i0 + l;
+            if u < floor
+                || member.is_some_and(|m| !m[i])
+                || logit(row, i as u32) / t + GUMBEL_MAX < best.0
+            {
                 continue;
             }
-            let s = score(row, t, i, u);
-            if s > best.0 || (s == best.0 && i < best.1) {
-                best = (s, i);
+            let s = score(row, t, i as u32, u);
+            if s > best.0 || (s == best.0 && (i as u32) < best.1) {
+                best = (s, i as u32);
                 floor = draw_floor(best.0, top_a);
             }
         }
@@ -322,12 +356,79 @@ mod tests {
             (u64::MAX, u32::MAX),
             (0x1234_5678_9abc, 99),
         ] {
-            for i0 in [0u32, 8, 1000, u32::MAX - 7] {
-                let got = philox_uniform_x8(seed, step, i0);
+            for g0 in [0u32, 8, 1000, u32::MAX / 4 - 7] {
+                let got = philox_uniform_x32(seed, step, g0);
                 for (l, &u) in got.iter().enumerate() {
-                    assert_eq!(u, philox_uniform(seed, step, i0 + l as u32));
+                    assert_eq!(u, philox_uniform(seed, step, 4 * g0 + l as u32));
                 }
             }
+        }
+    }
+
+    /// Gumbel-max without any skipping: every candidate scored.
+    fn brute_force(row: &[bf16], t: f32, seed: u64, step: u32, cands: &[u32]) -> u32 {
+        let mut best = (f32::NEG_INFINITY, u32::MAX);
+        for &i in cands {
+            let s = score(row, t, i, philox_uniform(seed, step, i));
+            if s > best.0 || (s == best.0 && i < best.1) {
+                best = (s, i);
+            }
+        }
+        best.1
+    }
+
+    /// The sweep over a member mask, the per-candidate loop and the unskipped rule agree, on
+    /// flat rows (where draws are skipped) and peaked ones (where logits are), with a vocabulary
+    /// that is no multiple of the 32-token sweep.
+    #[test]
+    fn skipping_paths_agree_with_brute_force() {
+        let mut z = 0x1234_5678u64;
+        let mut next = move || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        let vocab = 3001;
+        for case in 0..24 {
+            let scale = if case % 2 == 0 { 1.0 } else { 20.0 };
+            let row: Vec<bf16> = (0..vocab)
+                .map(|_| bf16::from_f32(((next() >> 40) as f32 / 16_777_216.0 - 0.5) * scale))
+                .collect();
+            let (seed, step, t) = (next(), (next() % 5000) as u32, [0.4f32, 1.0, 1.9][case % 3]);
+            // Every token, then a random third of them with the largest first.
+            let all: Vec<u32> = (0..vocab as u32).collect();
+            let mut cands: Vec<u32> = all.iter().copied().filter(|_| next() % 3 == 0).collect();
+            let by_logit = |set: &[u32]| {
+                let mut best = set[0];
+                for &i in set {
+                    if logit(&row, i) > logit(&row, best) {
+                        best = i;
+                    }
+                }
+                best
+            };
+            let want_all = brute_force(&row, t, seed, step, &all);
+            assert_eq!(
+                gumbel_sweep(true, &row, t, seed, step, by_logit(&all), None),
+                want_all
+            );
+            let top = by_logit(&cands);
+            let pos = cands.iter().position(|&i| i == top).unwrap_or(0);
+            cands.swap(0, pos);
+            let mut member = vec![false; vocab];
+            for &i in &cands {
+                member[i as usize] = true;
+            }
+            let want = brute_force(&row, t, seed, step, &cands);
+            assert_eq!(gumbel_max(&cands, &row, t, seed, step), want, "case {case}");
+            let got = gumbel_sweep(true, &row, t, seed, step, top, Some(&member));
+            assert_eq!(got, want, "case {case}");
+            assert_eq!(
+                gumbel_sweep(false, &row, t, seed, step, top, Some(&member)),
+                want
+            );
         }
     }
 
