@@ -8,8 +8,8 @@
 //!   embedded in the binary; the driver JIT-compiles them when the backend starts (and caches
 //!   the result). Module name = file stem.
 //! * GEMMs go through a skinny kernel of `cuda/gemv.cu` for decode's few rows and cuBLASLt
-//!   with a fixed workspace otherwise ([`gemm`], [`GemmPolicy`]), attention through the
-//!   kernels of `cuda/attention.cu` ([`attention`]).
+//!   with a fixed workspace otherwise (`gemm`, [`GemmPolicy`]), attention through the
+//!   kernels of `cuda/attention.cu` (`attention`).
 //! * Everything runs on one non-default stream, so all work is ordered by the stream alone:
 //!   cudarc's per-buffer event tracking is switched off for the backend's context, and the
 //!   stream can be captured into CUDA graphs ([`CudaBackend::capture`]).

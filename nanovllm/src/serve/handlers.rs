@@ -2,7 +2,7 @@
 //! server-sent events), the model list, health and Prometheus metrics.
 //!
 //! Each generating handler checks the body ([`api`](super::api)), tokenizes the prompt, starts
-//! a [`Generation`] and either collects it into one response or streams it chunk by chunk,
+//! a `Generation` and either collects it into one response or streams it chunk by chunk,
 //! ending with `data: [DONE]`.
 
 use std::convert::Infallible;
