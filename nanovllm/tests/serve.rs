@@ -598,10 +598,12 @@ async fn bad_requests_get_openai_errors_and_the_server_goes_on() {
 async fn concurrent_clients_all_complete_and_free_their_blocks() {
     let s = std::sync::Arc::new(start(1024).await);
     let mut clients = Vec::new();
-    for c in 0..32u32 {
+    const CLIENTS: u32 = 64;
+    const REQUESTS: u32 = 20;
+    for c in 0..CLIENTS {
         let s = s.clone();
         clients.push(tokio::spawn(async move {
-            for r in 0..5u32 {
+            for r in 0..REQUESTS {
                 let len = 1 + ((c * 7 + r * 13) % 60) as usize;
                 let max_tokens = 1 + ((c + r * 5) % 24) as usize;
                 let prompt: Vec<u32> = (0..len as u32).map(|i| (i * 31 + c) % 1000).collect();
@@ -632,7 +634,10 @@ async fn concurrent_clients_all_complete_and_free_their_blocks() {
         c.await.unwrap();
     }
     s.wait_metric("nanovllm_kv_cache_blocks_used", 0.0).await;
-    assert_eq!(s.metric("nanovllm_requests_finished_total").await, 160.0);
+    assert_eq!(
+        s.metric("nanovllm_requests_finished_total").await,
+        (CLIENTS * REQUESTS) as f64
+    );
     assert_eq!(s.metric("nanovllm_num_requests_running").await, 0.0);
 }
 
