@@ -10,6 +10,27 @@
 //! [`linear::RowParallelLinear`] -> [`layernorm::RMSNorm`] ->
 //! [`linear::MergedColumnParallelLinear`] -> [`activation::SiluAndMul`] ->
 //! [`linear::RowParallelLinear`].
+//!
+//! ```
+//! use nanovllm_kernels::{bf16, cpu::CpuBackend, Backend};
+//! use nanovllm_layers::layernorm::RMSNorm;
+//! use nanovllm_utils::weights::{save_bf16, Weights};
+//!
+//! // A one-tensor checkpoint, loaded the way a model loads its norms.
+//! let dir = std::env::temp_dir().join(format!("nanovllm-layers-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let w = [bf16::from_f32(2.0); 4];
+//! save_bf16(&dir.join("model.safetensors"), &[("norm.weight", &[4], &w)])?;
+//! let be = CpuBackend::new();
+//! let mut norm = RMSNorm::new(&be, 4, 1e-6)?;
+//! norm.load(&be, &Weights::open(&dir)?, "norm.weight")?;
+//! let x = be.from_host(&[bf16::ONE; 4])?;
+//! let mut out = be.alloc::<bf16>(4)?;
+//! norm.forward(&be, &x, 1, &mut out)?;
+//! assert_eq!(out.as_slice(), &[bf16::from_f32(2.0); 4]);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), nanovllm_utils::Error>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod activation;

@@ -2,6 +2,17 @@
 //! engine configuration, and safetensors weight loading.
 //!
 //! Nothing here touches a GPU; every other crate depends on this one.
+//!
+//! ```
+//! use nanovllm_utils::{EngineConfig, ModelConfig};
+//!
+//! let model = ModelConfig::builtin("qwen3-0.6b")?;
+//! assert_eq!((model.num_attention_heads, model.num_key_value_heads), (16, 8));
+//! let mut engine = EngineConfig::default();
+//! engine.validate(&model)?; // caps max_model_len by max_position_embeddings, checks the rest
+//! assert_eq!(engine.kvcache_block_size, 256);
+//! # Ok::<(), nanovllm_utils::Error>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod config;
