@@ -37,7 +37,7 @@ pub mod scheduler;
 pub mod sequence;
 
 pub use block_manager::{BlockManager, PrefixCacheStats};
-pub use llm_engine::{LLMEngine, SequenceOutput, StepOutput, StepRunner};
+pub use llm_engine::{LLMEngine, RunnerProfile, SequenceOutput, StepOutput, StepRunner};
 pub use sampling_params::SamplingParams;
 pub use scheduler::{ScheduledBatch, Scheduler, SchedulerConfig};
 pub use sequence::{FinishReason, Sequence, SequenceStatus};
