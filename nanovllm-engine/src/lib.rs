@@ -35,6 +35,9 @@ pub mod model_runner;
 pub mod sampling_params;
 pub mod scheduler;
 pub mod sequence;
+pub mod shm;
+pub mod shm_comm;
+pub mod worker;
 
 pub use block_manager::{BlockManager, PrefixCacheStats};
 pub use llm_engine::{LLMEngine, RunnerProfile, SequenceOutput, StepOutput, StepRunner};

@@ -40,6 +40,11 @@ pub trait StepRunner {
     fn profile(&self) -> RunnerProfile {
         RunnerProfile::default()
     }
+
+    /// Process ids of the tensor-parallel worker processes (none without tensor parallelism).
+    fn worker_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// Where a model runner's time went, accumulated over its steps.
@@ -66,6 +71,10 @@ impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
 
     fn profile(&self) -> RunnerProfile {
         (**self).profile()
+    }
+
+    fn worker_pids(&self) -> Vec<u32> {
+        (**self).worker_pids()
     }
 }
 

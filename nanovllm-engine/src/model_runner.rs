@@ -10,6 +10,11 @@
 //! activations, the step's input buffers. Decode steps on a backend with graphs replay a CUDA
 //! graph captured per batch-size bucket (1, 2, 4, 8, 16, 32, ..., as nano-vLLM), after copying the
 //! step's inputs into the same buffers the graph was captured with.
+//!
+//! With tensor parallelism every rank has a `ModelRunner` over its shard ([`ModelRunner::new_tp`]).
+//! Rank 0's also holds the [`WorkerGroup`]: after preparing a step's inputs it sends them to the
+//! workers, whose runners ([`ModelRunner::serve`]) upload them and run the same forward pass;
+//! the collectives inside meet across ranks, and only rank 0 samples.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use nanovllm_utils::{EngineConfig, Error, ModelConfig, Result, Weights};
 
 use crate::llm_engine::{RunnerProfile, StepRunner};
 use crate::sequence::Sequence;
+use crate::worker::{Call, StepCall, StepKind, WorkerEndpoint, WorkerGroup};
 
 /// Where the weights come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +108,70 @@ impl HostInputs {
         self.steps.push(seq.num_completion_tokens() as u32);
     }
 
+    /// The inputs as a command for the workers.
+    fn to_call(&self, kind: StepKind, shape: &BatchShape) -> StepCall {
+        let i32s = |v: &Vec<i32>| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+        let f32s = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        StepCall {
+            kind: Some(kind),
+            shape: [
+                shape.num_tokens as u64,
+                shape.num_seqs as u64,
+                shape.max_seqlen_q as u64,
+                shape.max_seqlen_k as u64,
+                shape.num_logits as u64,
+            ],
+            arrays: vec![
+                self.input_ids.clone(),
+                i32s(&self.positions),
+                i32s(&self.slot_mapping),
+                i32s(&self.cu_seqlens_q),
+                i32s(&self.cu_seqlens_k),
+                i32s(&self.context_lens),
+                i32s(&self.block_tables),
+                i32s(&self.logits_indices),
+                f32s(&self.temperatures),
+                i32s(&self.top_k),
+                f32s(&self.top_p),
+                self.steps.clone(),
+            ],
+            seeds: self.seeds.clone(),
+        }
+    }
+
+    /// Takes the inputs of a command from rank 0; returns the batch's shape.
+    fn from_call(&mut self, call: StepCall) -> Result<BatchShape> {
+        let [num_tokens, num_seqs, max_seqlen_q, max_seqlen_k, num_logits] =
+            call.shape.map(|v| v as usize);
+        let mut a = call.arrays.into_iter();
+        let mut next = || {
+            a.next()
+                .ok_or_else(|| Error::Worker("step command lacks an input array".into()))
+        };
+        let i32s = |v: Vec<u32>| v.into_iter().map(|x| x as i32).collect::<Vec<i32>>();
+        let f32s = |v: Vec<u32>| v.into_iter().map(f32::from_bits).collect::<Vec<f32>>();
+        self.input_ids = next()?;
+        self.positions = i32s(next()?);
+        self.slot_mapping = i32s(next()?);
+        self.cu_seqlens_q = i32s(next()?);
+        self.cu_seqlens_k = i32s(next()?);
+        self.context_lens = i32s(next()?);
+        self.block_tables = i32s(next()?);
+        self.logits_indices = i32s(next()?);
+        self.temperatures = f32s(next()?);
+        self.top_k = i32s(next()?);
+        self.top_p = f32s(next()?);
+        self.steps = next()?;
+        self.seeds = call.seeds;
+        Ok(BatchShape {
+            num_tokens,
+            num_seqs,
+            max_seqlen_q,
+            max_seqlen_k,
+            num_logits,
+        })
+    }
+
     /// Pads decode inputs to `rows` rows with harmless rows: token 0, slot -1, context 0.
     fn pad_decode(&mut self, rows: usize, max_blocks_per_seq: usize) {
         let n = self.input_ids.len();
@@ -128,6 +198,8 @@ struct BatchShape {
     num_seqs: usize,
     max_seqlen_q: usize,
     max_seqlen_k: usize,
+    /// Rows of logits: one per sequence, or every token when scoring.
+    num_logits: usize,
 }
 
 /// Sizes fixed at start-up that shape every step.
@@ -174,6 +246,8 @@ pub struct ModelRunner<B: Backend> {
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
     stats: RunnerStats,
     profile: RunnerProfile,
+    /// Rank 0 of a tensor-parallel group: the other ranks' processes.
+    workers: Option<WorkerGroup>,
 }
 
 impl<B: Backend> StepBuffers<B> {
@@ -208,6 +282,22 @@ impl<B: Backend> ModelRunner<B> {
         load_format: &LoadFormat,
     ) -> Result<Self> {
         let comm: Arc<dyn TpComm<B>> = Arc::new(SingleRank);
+        Self::new_tp(be, comm, model_config, config, weights_dir, load_format)
+    }
+
+    /// [`ModelRunner::new`] for one rank of a tensor-parallel group: loads this rank's shard,
+    /// agrees with the other ranks on the KV-cache size (the smallest any rank can hold), and
+    /// captures the graphs (collectives included). Every rank must call it with the same
+    /// arguments but its own `be` and `comm`.
+    pub fn new_tp(
+        be: Arc<B>,
+        comm: Arc<dyn TpComm<B>>,
+        model_config: &ModelConfig,
+        config: &EngineConfig,
+        weights_dir: Option<&Path>,
+        load_format: &LoadFormat,
+    ) -> Result<Self> {
+        let tp = comm.size();
         let mut model = Qwen3ForCausalLM::new(&*be, model_config, comm)?;
         let t = Instant::now();
         match load_format {
@@ -235,8 +325,8 @@ impl<B: Backend> ModelRunner<B> {
         let bufs = StepBuffers::new(&*be, &limits)?;
         let sampled = be.zeros(limits.max_num_seqs)?;
 
-        let block_bytes = KvCache::<B>::bytes_per_block(model_config, 1, block_size);
-        let num_blocks = match config.num_kvcache_blocks {
+        let block_bytes = KvCache::<B>::bytes_per_block(model_config, tp, block_size);
+        let mut num_blocks = match config.num_kvcache_blocks {
             Some(n) => n,
             None => {
                 let (free, total) = be.memory_info()?;
@@ -245,6 +335,10 @@ impl<B: Backend> ModelRunner<B> {
                 budget.saturating_sub(used + RESERVED_BYTES) / block_bytes
             }
         };
+        if tp > 1 {
+            let agreed = model.comm().all_reduce_min(&*be, num_blocks as u64)?;
+            num_blocks = agreed as usize;
+        }
         let need = limits.max_blocks_per_seq;
         if config.num_kvcache_blocks.is_some() && num_blocks < need {
             return Err(Error::EngineConfig {
@@ -268,7 +362,7 @@ impl<B: Backend> ModelRunner<B> {
                 gib(total),
             )));
         }
-        let kv = KvCache::new(&*be, model_config, 1, num_blocks, block_size)?;
+        let kv = KvCache::new(&*be, model_config, tp, num_blocks, block_size)?;
 
         let mut runner = ModelRunner {
             be,
@@ -283,8 +377,9 @@ impl<B: Backend> ModelRunner<B> {
             vocab_size: model_config.vocab_size,
             graphs: Vec::new(),
             profile: RunnerProfile::default(),
+            workers: None,
             stats: RunnerStats {
-                weight_bytes: nanovllm_models::qwen3::weight_bytes(model_config),
+                weight_bytes: nanovllm_models::qwen3::weight_bytes_per_rank(model_config, tp),
                 num_kvcache_blocks: num_blocks,
                 kvcache_bytes: num_blocks * block_bytes,
                 load_seconds,
@@ -295,6 +390,57 @@ impl<B: Backend> ModelRunner<B> {
             runner.capture_graphs()?;
         }
         Ok(runner)
+    }
+
+    /// Makes this runner rank 0 of a tensor-parallel group: every later step is sent to
+    /// `workers` first. Call once every rank's runner is ready.
+    pub fn attach_workers(&mut self, workers: WorkerGroup) {
+        self.workers = Some(workers);
+    }
+
+    /// The worker processes of rank 0 of a tensor-parallel group.
+    pub fn workers(&self) -> Option<&WorkerGroup> {
+        self.workers.as_ref()
+    }
+
+    /// Sends this step's prepared inputs to the workers, if any.
+    fn broadcast(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
+        if let Some(w) = &mut self.workers {
+            w.send(&Call::Step(self.host.to_call(kind, shape)).encode())?;
+        }
+        Ok(())
+    }
+
+    /// A worker's command loop: runs each step rank 0 sends until it says exit. The steps'
+    /// collectives meet rank 0's; nothing comes back through the shared memory.
+    pub fn serve(&mut self, endpoint: &mut WorkerEndpoint) -> Result<()> {
+        loop {
+            let call = match Call::decode(&endpoint.recv()?)? {
+                Call::Exit => return Ok(()),
+                Call::Step(call) => call,
+            };
+            let kind = call.kind.unwrap_or(StepKind::Score);
+            let shape = self.host.from_call(call)?;
+            self.check_fits(&shape)?;
+            let is_prefill = matches!(kind, StepKind::Prefill | StepKind::Score);
+            self.upload(is_prefill)?;
+            match kind {
+                StepKind::DecodeGraph(bs) => {
+                    let graph = self.graphs.iter().find(|(b, _)| *b == bs);
+                    let graph = graph.ok_or_else(|| {
+                        Error::Worker(format!(
+                            "rank 0 replays a graph of batch {bs} this rank lacks"
+                        ))
+                    })?;
+                    graph.1.replay()?;
+                }
+                StepKind::Score => {
+                    self.forward_logits(true, shape)?;
+                }
+                _ => self.run_ops(is_prefill, shape)?,
+            }
+            self.be.synchronize()?;
+        }
     }
 
     /// What start-up found and set up.
@@ -362,6 +508,7 @@ impl<B: Backend> ModelRunner<B> {
             num_seqs: bs,
             max_seqlen_q: 1,
             max_seqlen_k: self.limits.max_model_len,
+            num_logits: bs,
         }
     }
 
@@ -426,6 +573,7 @@ impl<B: Backend> ModelRunner<B> {
             h.push_sampling(seq);
         }
         shape.num_tokens = h.input_ids.len();
+        shape.num_logits = shape.num_seqs;
         self.check_fits(&shape)?;
         self.upload(true)?;
         Ok(shape)
@@ -460,6 +608,7 @@ impl<B: Backend> ModelRunner<B> {
             num_seqs: padded,
             max_seqlen_q: 1,
             max_seqlen_k: max_context_len,
+            num_logits: padded,
         };
         self.check_fits(&shape)?;
         self.upload(false)?;
@@ -485,18 +634,40 @@ impl<B: Backend> ModelRunner<B> {
         Ok(())
     }
 
-    /// Queues the forward pass, the LM head and the sampler for a batch whose inputs are
-    /// already on the device. The sampled ids land in `bufs.sampled`.
+    /// Queues the forward pass, the LM head and (on rank 0) the sampler for a batch whose
+    /// inputs are already on the device. The sampled ids land in `sampled`.
     fn run_ops(&mut self, is_prefill: bool, shape: BatchShape) -> Result<()> {
+        self.forward_logits(is_prefill, shape)?;
+        if self.model.comm().rank() != 0 {
+            return Ok(());
+        }
+        let ModelRunner {
+            be,
+            ws,
+            bufs: b,
+            sampled,
+            vocab_size,
+            ..
+        } = self;
+        let params = SamplingBufs::<B> {
+            temperatures: &b.temperatures,
+            top_k: &b.top_k,
+            top_p: &b.top_p,
+            seeds: &b.seeds,
+            steps: &b.steps,
+        };
+        be.sample(ws.logits(), shape.num_seqs, *vocab_size, &params, sampled)
+    }
+
+    /// Queues the forward pass and the LM head; the logits stay in the workspace.
+    fn forward_logits(&mut self, is_prefill: bool, shape: BatchShape) -> Result<()> {
         let ModelRunner {
             be,
             model,
             kv,
             ws,
             bufs: b,
-            sampled,
             limits,
-            vocab_size,
             ..
         } = self;
         let be = &**be;
@@ -515,18 +686,11 @@ impl<B: Backend> ModelRunner<B> {
             block_tables: &b.block_tables,
             max_blocks_per_seq: limits.max_blocks_per_seq,
             logits_indices: &b.logits_indices,
-            num_logits: shape.num_seqs,
+            num_logits: shape.num_logits,
         };
         model.forward(be, &b.input_ids, &ctx, kv, ws)?;
-        let logits = model.compute_logits(be, &ctx, ws)?;
-        let params = SamplingBufs::<B> {
-            temperatures: &b.temperatures,
-            top_k: &b.top_k,
-            top_p: &b.top_p,
-            seeds: &b.seeds,
-            steps: &b.steps,
-        };
-        be.sample(logits, shape.num_seqs, *vocab_size, &params, sampled)
+        model.compute_logits(be, &ctx, ws)?;
+        Ok(())
     }
 
     /// One step: prefill chunks or one decode token per sequence; one sampled token per
@@ -537,6 +701,7 @@ impl<B: Backend> ModelRunner<B> {
         let prepared_before = self.profile.prepare_seconds;
         if is_prefill {
             let shape = self.prepare_prefill(seqs)?;
+            self.broadcast(StepKind::Prefill, &shape)?;
             self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
             self.run_ops(true, shape)?;
         } else {
@@ -544,12 +709,14 @@ impl<B: Backend> ModelRunner<B> {
             match graph {
                 Some(i) => {
                     let bs = self.graphs[i].0;
-                    self.prepare_decode(seqs, bs)?;
+                    let shape = self.prepare_decode(seqs, bs)?;
+                    self.broadcast(StepKind::DecodeGraph(bs), &shape)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.graphs[i].1.replay()?;
                 }
                 None => {
                     let shape = self.prepare_decode(seqs, n)?;
+                    self.broadcast(StepKind::Decode, &shape)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.run_ops(false, shape)?;
                 }
@@ -557,6 +724,10 @@ impl<B: Backend> ModelRunner<B> {
         }
         self.sampled_host.resize(n, 0);
         self.be.dtoh(&self.sampled, &mut self.sampled_host)?;
+        if let Some(w) = &self.workers {
+            // After an NCCL abort the copy may have "succeeded" with garbage.
+            w.check()?;
+        }
         let prepare = self.profile.prepare_seconds - prepared_before;
         self.profile.execute_seconds += t0.elapsed().as_secs_f64() - prepare;
         Ok(self.sampled_host.clone())
@@ -595,36 +766,21 @@ impl<B: Backend> ModelRunner<B> {
         push_block_table(&mut h.block_tables, &table, max_blocks_per_seq)?;
         h.logits_indices.extend(0..n as i32);
         self.upload(true)?;
-        let ModelRunner {
-            be,
-            model,
-            kv,
-            ws,
-            bufs: b,
-            ..
-        } = self;
-        let be = &**be;
-        let ctx = Context {
-            is_prefill: true,
+        let shape = BatchShape {
             num_tokens: n,
             num_seqs: 1,
-            positions: &b.positions,
-            slot_mapping: &b.slot_mapping,
-            cu_seqlens_q: &b.cu_seqlens_q,
-            cu_seqlens_k: &b.cu_seqlens_k,
             max_seqlen_q: n,
             max_seqlen_k: n,
-            context_lens: &b.context_lens,
-            max_context_len: n,
-            block_tables: &b.block_tables,
-            max_blocks_per_seq,
-            logits_indices: &b.logits_indices,
             num_logits: n,
         };
-        model.forward(be, &b.input_ids, &ctx, kv, ws)?;
-        let logits = model.compute_logits(be, &ctx, ws)?;
+        self.broadcast(StepKind::Score, &shape)?;
+        self.forward_logits(true, shape)?;
+        let logits = self.ws.logits();
         let mut out = vec![bf16::ZERO; n * self.vocab_size];
-        be.dtoh(logits, &mut out)?;
+        self.be.dtoh(logits, &mut out)?;
+        if let Some(w) = &self.workers {
+            w.check()?;
+        }
         Ok(out.into_iter().map(f32::from).collect())
     }
 }
@@ -644,6 +800,13 @@ impl<B: Backend> StepRunner for ModelRunner<B> {
 
     fn profile(&self) -> RunnerProfile {
         self.profile
+    }
+
+    fn worker_pids(&self) -> Vec<u32> {
+        self.workers
+            .as_ref()
+            .map(WorkerGroup::pids)
+            .unwrap_or_default()
     }
 }
 

@@ -144,6 +144,15 @@ pub struct LogitsBuffers<B: Backend> {
 }
 
 impl<B: Backend> LogitsBuffers<B> {
+    /// Where the last [`ParallelLMHead::forward`] left its logits: the whole rows on rank 0
+    /// (or with one rank), this rank's vocabulary slice elsewhere.
+    pub fn output(&self) -> &B::Buf<bf16> {
+        match &self.full {
+            Some((logits, _)) => logits,
+            None => &self.part,
+        }
+    }
+
     /// Allocates the buffers for up to `max_rows` logits rows of a `vocab`-wide head over
     /// `hidden` features, for this rank of `comm`.
     pub fn new(

@@ -38,6 +38,9 @@ pub trait TpComm<B: Backend>: Send + Sync {
         len: usize,
         full: &mut B::Buf<bf16>,
     ) -> Result<()>;
+    /// The smallest `value` over all ranks, returned on every rank (how the ranks agree on
+    /// one KV-cache size when each measured its own free memory).
+    fn all_reduce_min(&self, be: &B, value: u64) -> Result<u64>;
 }
 
 /// The group of one rank: no sharding, every collective a no-op.
@@ -67,6 +70,10 @@ impl<B: Backend> TpComm<B> for SingleRank {
         _full: &mut B::Buf<bf16>,
     ) -> Result<()> {
         Ok(())
+    }
+
+    fn all_reduce_min(&self, _be: &B, value: u64) -> Result<u64> {
+        Ok(value)
     }
 }
 
@@ -241,6 +248,66 @@ impl TpComm<CpuBackend> for ThreadComm {
         drop(self.meet(st)?);
         result
     }
+
+    fn all_reduce_min(&self, _be: &CpuBackend, value: u64) -> Result<u64> {
+        // Four bf16 carry the 64 bits exactly (bit patterns, not numbers).
+        let words: Vec<bf16> = (0..4)
+            .map(|i| bf16::from_bits((value >> (16 * i)) as u16))
+            .collect();
+        let st = self.exchange(&words)?;
+        let min = st
+            .slots
+            .iter()
+            .map(|s| {
+                s.iter().enumerate().fold(0u64, |acc, (i, w)| {
+                    acc | (u64::from(w.to_bits()) << (16 * i))
+                })
+            })
+            .min()
+            .unwrap_or(value);
+        drop(self.meet(st)?);
+        Ok(min)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod nccl {
+    use super::*;
+    use nanovllm_kernels::cuda::{CudaBackend, CudaBuf, NcclComm};
+
+    /// NCCL is the multi-process group of the CUDA backend: one process (and GPU) per rank.
+    impl TpComm<CudaBackend> for NcclComm {
+        fn rank(&self) -> usize {
+            NcclComm::rank(self)
+        }
+
+        fn size(&self) -> usize {
+            NcclComm::size(self)
+        }
+
+        fn all_reduce_sum(
+            &self,
+            _be: &CudaBackend,
+            buf: &mut CudaBuf<bf16>,
+            len: usize,
+        ) -> Result<()> {
+            NcclComm::all_reduce_sum(self, buf, len)
+        }
+
+        fn gather_rank0(
+            &self,
+            _be: &CudaBackend,
+            part: &CudaBuf<bf16>,
+            len: usize,
+            full: &mut CudaBuf<bf16>,
+        ) -> Result<()> {
+            NcclComm::gather_rank0(self, part, len, full)
+        }
+
+        fn all_reduce_min(&self, _be: &CudaBackend, value: u64) -> Result<u64> {
+            NcclComm::all_reduce_min(self, value)
+        }
+    }
 }
 
 /// `total / tp_size`, or an error naming `what` when the split is uneven: a model can only be
@@ -285,6 +352,14 @@ mod tests {
             let v: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
             assert_eq!(v, vec![9.0, 90.0, 1.0]); // (0+1+2) * 3 ranks, then untouched
         }
+    }
+
+    #[test]
+    fn thread_comm_min_agrees_on_the_smallest() {
+        let be = CpuBackend::new();
+        let big = [u64::MAX - 3, 70_000, 1 << 40];
+        let out = on_threads(3, |c| c.all_reduce_min(&be, big[c.rank()]).unwrap());
+        assert_eq!(out, vec![70_000; 3]);
     }
 
     #[test]

@@ -185,6 +185,11 @@ impl<B: Backend> Workspace<B> {
         self.logits.max_rows()
     }
 
+    /// The logits of the last [`Qwen3ForCausalLM::compute_logits`] (whole rows on rank 0).
+    pub fn logits(&self) -> &B::Buf<bf16> {
+        self.logits.output()
+    }
+
     /// The final hidden states `[num_tokens, hidden]` of the last forward pass (after the final
     /// norm).
     pub fn hidden_states(&self) -> &B::Buf<bf16> {

@@ -380,7 +380,7 @@ impl GenerationConfig {
 
 /// How the engine runs: batch limits, memory budget, parallelism, KV-cache layout.
 /// Field names and defaults are nano-vLLM's `Config`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EngineConfig {
     /// Most tokens in one forward pass (prefill chunk budget). Default 16384.
     pub max_num_batched_tokens: usize,

@@ -19,6 +19,7 @@ mod builtin;
 pub mod llm;
 pub mod serve;
 pub mod tokenizer;
+pub mod tp;
 pub mod workload;
 
 pub use llm::{

@@ -60,6 +60,10 @@ pub struct EngineArgs {
     pub load_format: WeightsFormat,
     /// Seed of dummy weights.
     pub dummy_seed: u64,
+    /// With `tensor_parallel_size > 1`: the executable the worker processes are started from
+    /// (it must have the `nanovllm` CLI's `worker` subcommand). Default: the
+    /// `NANOVLLM_WORKER_EXE` environment variable, else this process's executable.
+    pub worker_exe: Option<PathBuf>,
 }
 
 /// One prompt: text (tokenized by the model's tokenizer) or token ids.
@@ -137,14 +141,14 @@ pub struct LLM {
 }
 
 /// Where a model comes from.
-struct ModelSource {
-    dir: Option<PathBuf>,
-    config: ModelConfig,
-    generation_config: GenerationConfig,
-    dummy: bool,
+pub(crate) struct ModelSource {
+    pub(crate) dir: Option<PathBuf>,
+    pub(crate) config: ModelConfig,
+    pub(crate) generation_config: GenerationConfig,
+    pub(crate) dummy: bool,
 }
 
-fn resolve_model(model: &str, format: WeightsFormat) -> Result<ModelSource> {
+pub(crate) fn resolve_model(model: &str, format: WeightsFormat) -> Result<ModelSource> {
     let path = Path::new(model);
     if path.is_dir() {
         let config = ModelConfig::from_model_dir(path)?;
@@ -191,12 +195,6 @@ impl LLM {
         let src = resolve_model(model, args.load_format)?;
         let mut config = args.config.clone();
         config.validate(&src.config)?;
-        if config.tensor_parallel_size != 1 {
-            return Err(Error::EngineConfig {
-                option: "tensor_parallel_size",
-                msg: "tensor parallelism is not available yet; use --tp 1".into(),
-            });
-        }
         let load_format = if src.dummy {
             LoadFormat::Dummy {
                 seed: args.dummy_seed,
@@ -209,7 +207,7 @@ impl LLM {
             Some(_) => None,
             None => Some(crate::builtin::qwen3_tokenizer()?),
         };
-        let built = build_runner(&src, &mut config, &load_format, args.device)?;
+        let built = build_runner(model, &args, &src, &mut config, &load_format)?;
         let mut eos = src.config.eos_token_ids.clone();
         for id in src.generation_config.eos_token_ids.iter().copied().chain(
             tokenizer
@@ -289,6 +287,12 @@ impl LLM {
     /// Where the model runner's time went since start-up.
     pub fn runner_profile(&self) -> RunnerProfile {
         self.engine.runner().profile()
+    }
+
+    /// Process ids of the tensor-parallel worker processes (empty at `tensor_parallel_size`
+    /// 1). They end when the `LLM` is dropped.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.engine.runner().worker_pids()
     }
 
     /// Zeroes the step statistics.
@@ -573,15 +577,15 @@ impl StepStats {
     }
 }
 
-type MemoryInfo = Box<dyn Fn() -> Result<(usize, usize)> + Send + Sync>;
+pub(crate) type MemoryInfo = Box<dyn Fn() -> Result<(usize, usize)> + Send + Sync>;
 
 /// A model runner ready to use, with what the facade needs to know of it.
-struct BuiltRunner {
-    runner: Box<dyn StepRunner + Send>,
-    device: String,
-    stats: RunnerStats,
-    memory_info: MemoryInfo,
-    is_cpu: bool,
+pub(crate) struct BuiltRunner {
+    pub(crate) runner: Box<dyn StepRunner + Send>,
+    pub(crate) device: String,
+    pub(crate) stats: RunnerStats,
+    pub(crate) memory_info: MemoryInfo,
+    pub(crate) is_cpu: bool,
 }
 
 /// KV-cache budget of the CPU backend when `num_kvcache_blocks` is not given: host memory is
@@ -615,16 +619,41 @@ fn runner_on<B: Backend>(
 }
 
 fn build_runner(
+    model: &str,
+    args: &EngineArgs,
     src: &ModelSource,
     config: &mut EngineConfig,
     load_format: &LoadFormat,
-    device: Device,
 ) -> Result<BuiltRunner> {
+    let device = args.device;
     let ordinal = match device {
         Device::Cpu => None,
         Device::Cuda(i) => Some(i),
         Device::Auto => cfg!(feature = "cuda").then_some(0),
     };
+    if config.tensor_parallel_size > 1 {
+        #[cfg(feature = "cuda")]
+        let ordinal = match (device, ordinal) {
+            // Auto: the GPUs when the driver reports any, else the CPU backend.
+            (Device::Auto, Some(i)) => nanovllm_kernels::cuda::device_count()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(|_| i),
+            _ => ordinal,
+        };
+        if ordinal.is_none() {
+            cpu_kv_blocks(src, config);
+        }
+        return crate::tp::build_tp_runner(
+            model,
+            args.load_format,
+            args.dummy_seed,
+            args.worker_exe.as_deref(),
+            src,
+            config,
+            ordinal,
+        );
+    }
     #[cfg(feature = "cuda")]
     if let Some(ordinal) = ordinal {
         match nanovllm_kernels::cuda::CudaBackend::new(ordinal) {
@@ -643,9 +672,17 @@ fn build_runner(
         ));
     }
     let _ = ordinal;
+    cpu_kv_blocks(src, config);
+    runner_on(Arc::new(CpuBackend::new()), src, config, load_format, true)
+}
+
+/// Sizes the CPU backend's KV cache when the options leave it open (see
+/// [`CPU_KV_CACHE_BYTES`]); with tensor parallelism each rank holds its share of every block.
+fn cpu_kv_blocks(src: &ModelSource, config: &mut EngineConfig) {
     if config.num_kvcache_blocks.is_none() {
+        let tp = config.tensor_parallel_size.max(1);
         let block_bytes =
-            KvCache::<CpuBackend>::bytes_per_block(&src.config, 1, config.kvcache_block_size);
+            KvCache::<CpuBackend>::bytes_per_block(&src.config, tp, config.kvcache_block_size);
         let min_blocks = config.max_model_len.div_ceil(config.kvcache_block_size);
         let all_seqs_full = config.max_num_seqs * min_blocks;
         config.num_kvcache_blocks = Some(
@@ -654,5 +691,4 @@ fn build_runner(
                 .max(min_blocks),
         );
     }
-    runner_on(Arc::new(CpuBackend::new()), src, config, load_format, true)
 }

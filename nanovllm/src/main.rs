@@ -35,6 +35,19 @@ enum Command {
     /// comparison with HF transformers (scripts/gpu/hf_compare.py).
     #[command(hide = true)]
     HfDump(HfDumpArgs),
+    /// A tensor-parallel worker process, started by rank 0 (`--tp N`), never by hand.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The group's shared-memory file.
+    #[arg(long)]
+    shm: std::path::PathBuf,
+    /// This worker's rank (1..N).
+    #[arg(long)]
+    rank: usize,
 }
 
 #[derive(Args)]
@@ -138,6 +151,7 @@ impl EngineOpts {
                 LoadFormatArg::Safetensors => WeightsFormat::Safetensors,
                 LoadFormatArg::Dummy => WeightsFormat::Dummy,
             },
+            worker_exe: None,
             dummy_seed: self.dummy_seed,
         }
     }
@@ -268,6 +282,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Chat(a) => chat(a),
         Command::HfDump(a) => hf_dump(a),
+        Command::Worker(a) => nanovllm::tp::run_worker(&a.shm, a.rank),
         Command::Serve(a) => serve(a),
         Command::Bench(a) => run_bench(
             &a.engine.model,

@@ -18,6 +18,7 @@ Then the same comparison on deliberately broken checkpoints (RoPE halves swapped
 projections; q_norm weights replaced) must FAIL: that shows the check can catch a wrong model.
 
 Usage: hf_compare.py NANOVLLM_BINARY WORKDIR [--quick]
+HF_EXTRA_ARGS (e.g. "--tp 2") is appended to every nanovllm command line.
 Prints one table; exits non-zero when a correct model fails or a broken one passes.
 """
 import json
@@ -34,6 +35,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 LOGITS_TOL = 0.03  # rel. L2 per position; bf16 storage of every activation gives ~0.5-1.5%
 NOISE_FACTOR = 4.0
 MAX_NEW = 64
+EXTRA_ARGS = os.environ.get("HF_EXTRA_ARGS", "").split()
 PROMPT_LENS = [7, 33, 100, 300]
 
 BASE_06B = dict(
@@ -104,7 +106,7 @@ def run_ours(binary, path, prompts, mode_args, outdir, score):
     with open(os.path.join(outdir, "input.json"), "w") as f:
         json.dump({"prompts": prompts, "max_tokens": MAX_NEW}, f)
     cmd = [binary, "hf-dump", "--model", path, "--input", os.path.join(outdir, "input.json"),
-           "--outdir", outdir, "--device", "cuda", "--max-num-seqs", "512"] + mode_args
+           "--outdir", outdir, "--device", "cuda", "--max-num-seqs", "512"] + mode_args + EXTRA_ARGS
     if score:
         cmd.append("--score")
     t = time.time()

@@ -22,9 +22,11 @@
 
 mod attention;
 mod gemm;
+mod nccl;
 mod ops;
 
 pub use gemm::{GemmPolicy, GemmTuning, SKINNY_LIMIT};
+pub use nccl::{nccl_unique_id, NcclComm, NCCL_ID_BYTES};
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -131,6 +133,23 @@ fn no_driver(ordinal: usize, why: &str) -> Error {
 fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
     m.lock()
         .map_err(|_| Error::Cuda(format!("{what}: lock poisoned by a panic")))
+}
+
+/// Number of CUDA GPUs the driver reports; an error when there is no driver.
+pub fn device_count() -> Result<usize> {
+    let probe = || -> Result<usize> {
+        // SAFETY: only tries to open the shared library; no symbol is called.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(no_driver(0, "libcuda.so cannot be loaded"));
+        }
+        cudarc::driver::result::init()
+            .map_err(|e| no_driver(0, &format!("cuInit failed: {e:?}")))?;
+        let count = cudarc::driver::result::device::get_count()
+            .map_err(|e| no_driver(0, &format!("cuDeviceGetCount failed: {e:?}")))?;
+        Ok(count.max(0) as usize)
+    };
+    catch_unwind(AssertUnwindSafe(probe))
+        .unwrap_or_else(|_| Err(no_driver(0, "loading the CUDA driver library failed")))
 }
 
 impl CudaBackend {

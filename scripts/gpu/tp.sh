@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Tensor parallelism on a machine with two GPUs, in one command from the repository root:
+#   equal   greedy tokens and teacher-forced logits at --tp 2 against --tp 1 (dummy Qwen3-0.6B
+#           and Qwen3-8B), divergence allowed only after a near tie of tp 1's two best logits
+#   hf      scripts/gpu/hf_compare.py with --tp 2 (quick: one config)
+#   bench   `nanovllm bench` (bench.py's workload) at tp 1 and tp 2, Qwen3-0.6B and Qwen3-8B
+#   fail    a worker killed mid-run ends rank 0 with an error within 10 s; --tp 4 on two GPUs
+#           is refused before any weight is loaded; `generate --tp 2` works
+# Pick parts with TP_PARTS (default: all). Expects gpu/bin/nanovllm (scripts/gpu/stage.sh).
+# Logs go to $OUT (default /tmp/nanovllm-tp); a short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-/tmp/nanovllm-tp}"
+bin=gpu/bin/nanovllm
+parts="${TP_PARTS:-equal hf bench fail}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+summary=()
+has() { [[ " $parts " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+nvidia-smi topo -m >"$out/topo.txt" 2>&1 || true
+
+if has equal; then
+    for model in qwen3-0.6b qwen3-8b; do
+        if ! timeout 400 python3 - "$bin" "$model" "$out/equal-$model" <<'PY' 2>&1 | tee "$out/equal-$model.log"; then
+import json, os, subprocess, sys
+import numpy as np
+binary, model, root = sys.argv[1:4]
+os.makedirs(root, exist_ok=True)
+rng = np.random.default_rng(0)
+prompts = [rng.integers(0, 10000, n).tolist() for n in (7, 33, 100, 300)]
+MAX_NEW = 64
+
+def dump(tp, prompts, max_tokens, score, tag):
+    d = os.path.join(root, f"{tag}-tp{tp}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "input.json"), "w") as f:
+        json.dump({"prompts": prompts, "max_tokens": max_tokens}, f)
+    cmd = [binary, "hf-dump", "--model", model, "--input", os.path.join(d, "input.json"),
+           "--outdir", d, "--device", "cuda", "--tp", str(tp), "--max-num-seqs", "512",
+           "--max-model-len", "1024"] + (["--score"] if score else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
+    tokens = json.load(open(os.path.join(d, "tokens.json")))["tokens"]
+    logits = [np.fromfile(os.path.join(d, f"logits_{i}.f32"), dtype=np.float32).reshape(len(p), -1)
+              for i, p in enumerate(prompts)] if score else None
+    return tokens, logits
+
+t1, l1 = dump(1, prompts, MAX_NEW, True, "gen")
+t2, l2 = dump(2, prompts, MAX_NEW, True, "gen")
+max_abs = max(float(np.abs(a - b).max()) for a, b in zip(l1, l2))
+scale = max(float(np.abs(a).max()) for a in l1)
+argmax_agree = np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(l1, l2)]))
+noise = 4 * max_abs
+# tp 1's logits along its own continuation, to tell a near tie from a real disagreement.
+full = [p + t for p, t in zip(prompts, t1)]
+_, lf = dump(1, full, 1, True, "cont")
+ok, same, first = True, 0, []
+for p, a, b, lg in zip(prompts, t1, t2, lf):
+    same += a == b
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            row = np.sort(lg[len(p) - 1 + i])[::-1]
+            gap = float(row[0] - row[1])
+            first.append(f"@{i} gap {gap:.3f}")
+            ok &= gap <= noise
+            break
+print(f"{model}: teacher-forced logits tp2 vs tp1 max |diff| {max_abs:.4f} (largest |logit| {scale:.1f}), "
+      f"argmax agreement {argmax_agree:.4f}; greedy {MAX_NEW} tokens: {same}/{len(prompts)} prompts identical; "
+      f"divergences {first or 'none'} (allowed at top-2 gap <= {noise:.3f})")
+sys.exit(0 if ok else 1)
+PY
+            status=1
+            summary+=("equal $model: FAIL (see equal-$model.log)")
+        else
+            summary+=("$(tail -1 "$out/equal-$model.log")")
+        fi
+    done
+fi
+
+if has hf; then
+    HF_EXTRA_ARGS="--tp 2" timeout 420 python3 scripts/gpu/hf_compare.py "$bin" /tmp/nanovllm-models --quick \
+        2>&1 | tee "$out/hf_compare_tp2.log"
+    if [ "${PIPESTATUS[0]}" -eq 0 ]; then summary+=("HF comparison at --tp 2: PASS"); else status=1; summary+=("HF comparison at --tp 2: FAIL"); fi
+fi
+
+if has bench; then
+    for model in qwen3-0.6b qwen3-8b; do
+        for tp in 1 2; do
+            f="$out/bench-$model-tp$tp.json"
+            if timeout 300 "$bin" bench --model "$model" --tp "$tp" --json >"$f" 2>"$out/bench-$model-tp$tp.err"; then
+                summary+=("$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\"bench {sys.argv[2]} tp{sys.argv[3]}: {j['output_tokens_per_second']:.0f} tok/s, prefill {j['prefill_seconds']:.2f} s, decode {j['decode_seconds']:.2f} s, cold start {j['cold_start_seconds']:.1f} s\")" "$f" "$model" "$tp")")
+            else
+                status=1; summary+=("bench $model tp$tp: FAIL"); tail -5 "$out/bench-$model-tp$tp.err"
+            fi
+        done
+        python3 -c "import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); print(f'{sys.argv[3]}: tp2/tp1 = {b[\"output_tokens_per_second\"]/a[\"output_tokens_per_second\"]:.3f}')" \
+            "$out/bench-$model-tp1.json" "$out/bench-$model-tp2.json" "$model" >"$out/ratio-$model.txt" 2>/dev/null \
+            && summary+=("$(cat "$out/ratio-$model.txt")")
+    done
+fi
+
+if has fail; then
+    python3 - "$bin" <<'PY' 2>&1 | tee "$out/fail.log"
+import os, signal, subprocess, sys, time
+binary = sys.argv[1]
+res = []
+# A worker killed in the middle of a benchmark.
+p = subprocess.Popen([binary, "bench", "--tp", "2", "--num-seqs", "256"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.PIPE, text=True)
+worker = None
+for _ in range(600):
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == p.pid:
+                worker = int(pid)
+    if worker:
+        break
+    time.sleep(0.05)
+time.sleep(12)  # start-up, warm-up, into the timed run
+alive_before = p.poll() is None
+os.kill(worker, signal.SIGKILL)
+t = time.time()
+try:
+    _, err = p.communicate(timeout=30)
+    dt = time.time() - t
+except subprocess.TimeoutExpired:
+    p.kill(); _, err = p.communicate(); dt = float("inf")
+last = [l for l in err.splitlines() if "error" in l.lower()][-1:] or ["(no error line)"]
+ok = alive_before and p.returncode != 0 and dt < 10 and "worker rank 1" in err
+res.append(f"killed worker: rank 0 exited {p.returncode} after {dt:.2f} s: {last[0][:160]} -> {'PASS' if ok else 'FAIL'}")
+# More ranks than GPUs.
+t = time.time()
+r = subprocess.run([binary, "generate", "--tp", "4", "--prompt", "hi", "--max-tokens", "4"], capture_output=True, text=True)
+ok2 = r.returncode != 0 and "driver reports" in r.stderr
+res.append(f"--tp 4 on 2 GPUs: exit {r.returncode} in {time.time()-t:.1f} s: {r.stderr.strip().splitlines()[-1][:160]} -> {'PASS' if ok2 else 'FAIL'}")
+# generate at tp 2.
+r = subprocess.run([binary, "generate", "--tp", "2", "--prompt", "The capital of France is", "--max-tokens", "16",
+                    "--temperature", "0"], capture_output=True, text=True)
+ok3 = r.returncode == 0 and len(r.stdout.strip()) > 0
+res.append(f"generate --tp 2: exit {r.returncode}, {len(r.stdout)} chars -> {'PASS' if ok3 else 'FAIL'}")
+leftover = [f for f in os.listdir("/dev/shm") if f.startswith("nanovllm-")]
+res.append(f"/dev/shm leftovers: {leftover or 'none'} -> {'PASS' if not leftover else 'FAIL'}")
+print("\n".join(res))
+sys.exit(0 if ok and ok2 and ok3 and not leftover else 1)
+PY
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    while IFS= read -r line; do summary+=("$line"); done < <(tail -4 "$out/fail.log")
+fi
+
+echo
+echo "== tensor parallelism on $(head -1 "$out/gpu.txt" | cut -d, -f2) x $(wc -l <"$out/gpu.txt") =="
+for s in "${summary[@]}"; do echo "$s"; done
+exit $status
