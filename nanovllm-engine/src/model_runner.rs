@@ -140,7 +140,7 @@ impl HostInputs {
     }
 
     /// Takes the inputs of a command from rank 0; returns the batch's shape.
-    fn from_call(&mut self, call: StepCall) -> Result<BatchShape> {
+    fn take_call(&mut self, call: StepCall) -> Result<BatchShape> {
         let [num_tokens, num_seqs, max_seqlen_q, max_seqlen_k, num_logits] =
             call.shape.map(|v| v as usize);
         let mut a = call.arrays.into_iter();
@@ -403,12 +403,13 @@ impl<B: Backend> ModelRunner<B> {
         self.workers.as_ref()
     }
 
-    /// Sends this step's prepared inputs to the workers, if any.
-    fn broadcast(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
+    /// Sends this step's prepared inputs to the workers, if any, then copies them to this
+    /// rank's device: the workers' wake-up and copies overlap this rank's.
+    fn send_and_upload(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
         if let Some(w) = &mut self.workers {
             w.send(&Call::Step(self.host.to_call(kind, shape)).encode())?;
         }
-        Ok(())
+        self.upload(matches!(kind, StepKind::Prefill | StepKind::Score))
     }
 
     /// A worker's command loop: runs each step rank 0 sends until it says exit. The steps'
@@ -420,7 +421,7 @@ impl<B: Backend> ModelRunner<B> {
                 Call::Step(call) => call,
             };
             let kind = call.kind.unwrap_or(StepKind::Score);
-            let shape = self.host.from_call(call)?;
+            let shape = self.host.take_call(call)?;
             self.check_fits(&shape)?;
             let is_prefill = matches!(kind, StepKind::Prefill | StepKind::Score);
             self.upload(is_prefill)?;
@@ -512,8 +513,10 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
-    /// Copies the host inputs of this step into the device buffers.
+    /// Copies the host inputs of this step into the device buffers (the sampling parameters
+    /// only where they are used: on rank 0).
     fn upload(&mut self, is_prefill: bool) -> Result<()> {
+        let samples = self.model.comm().rank() == 0;
         let be = &*self.be;
         let h = &self.host;
         let b = &mut self.bufs;
@@ -528,6 +531,9 @@ impl<B: Backend> ModelRunner<B> {
         }
         be.htod(&h.block_tables, &mut b.block_tables)?;
         be.htod(&h.logits_indices, &mut b.logits_indices)?;
+        if !samples {
+            return Ok(());
+        }
         be.htod(&h.temperatures, &mut b.temperatures)?;
         be.htod(&h.top_k, &mut b.top_k)?;
         be.htod(&h.top_p, &mut b.top_p)?;
@@ -538,7 +544,7 @@ impl<B: Backend> ModelRunner<B> {
 
     /// nano-vLLM's `prepare_prefill`: the scheduled tokens of each sequence, their positions
     /// and slots, cu_seqlens, block tables, and the row of each sequence's last token.
-    /// Returns the batch's shape.
+    /// Returns the batch's shape; the inputs stay on the host (see [`Self::send_and_upload`]).
     fn prepare_prefill(&mut self, seqs: &[&Sequence]) -> Result<BatchShape> {
         let Limits {
             block_size,
@@ -575,7 +581,6 @@ impl<B: Backend> ModelRunner<B> {
         shape.num_tokens = h.input_ids.len();
         shape.num_logits = shape.num_seqs;
         self.check_fits(&shape)?;
-        self.upload(true)?;
         Ok(shape)
     }
 
@@ -611,7 +616,6 @@ impl<B: Backend> ModelRunner<B> {
             num_logits: padded,
         };
         self.check_fits(&shape)?;
-        self.upload(false)?;
         Ok(shape)
     }
 
@@ -701,7 +705,7 @@ impl<B: Backend> ModelRunner<B> {
         let prepared_before = self.profile.prepare_seconds;
         if is_prefill {
             let shape = self.prepare_prefill(seqs)?;
-            self.broadcast(StepKind::Prefill, &shape)?;
+            self.send_and_upload(StepKind::Prefill, &shape)?;
             self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
             self.run_ops(true, shape)?;
         } else {
@@ -710,13 +714,13 @@ impl<B: Backend> ModelRunner<B> {
                 Some(i) => {
                     let bs = self.graphs[i].0;
                     let shape = self.prepare_decode(seqs, bs)?;
-                    self.broadcast(StepKind::DecodeGraph(bs), &shape)?;
+                    self.send_and_upload(StepKind::DecodeGraph(bs), &shape)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.graphs[i].1.replay()?;
                 }
                 None => {
                     let shape = self.prepare_decode(seqs, n)?;
-                    self.broadcast(StepKind::Decode, &shape)?;
+                    self.send_and_upload(StepKind::Decode, &shape)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
                     self.run_ops(false, shape)?;
                 }
@@ -765,7 +769,6 @@ impl<B: Backend> ModelRunner<B> {
         let table: Vec<u32> = (0..blocks as u32).collect();
         push_block_table(&mut h.block_tables, &table, max_blocks_per_seq)?;
         h.logits_indices.extend(0..n as i32);
-        self.upload(true)?;
         let shape = BatchShape {
             num_tokens: n,
             num_seqs: 1,
@@ -773,7 +776,7 @@ impl<B: Backend> ModelRunner<B> {
             max_seqlen_k: n,
             num_logits: n,
         };
-        self.broadcast(StepKind::Score, &shape)?;
+        self.send_and_upload(StepKind::Score, &shape)?;
         self.forward_logits(true, shape)?;
         let logits = self.ws.logits();
         let mut out = vec![bf16::ZERO; n * self.vocab_size];

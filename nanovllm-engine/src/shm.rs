@@ -2,7 +2,7 @@
 //! process, holding a small header of atomics, an error message per rank, the command payload
 //! rank 0 writes for the workers, and one slot per rank for the CPU backend's collectives.
 //!
-//! Waiting is a short spin and then a futex wait on the header word that changes (the futex
+//! Waiting is a short spin (at most half a millisecond) and then a futex wait on the header word that changes (the futex
 //! is the shared kind, so a wake in one process reaches a waiter in another). Every wait wakes
 //! at least every [`POLL`] to ask a liveness check whether the other side is still there, so
 //! a dead process turns into an error, never a hang.
@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memmap2::MmapRaw;
 use nanovllm_utils::{Error, Result};
@@ -20,8 +20,11 @@ use nanovllm_utils::{Error, Result};
 pub const MAX_RANKS: usize = 64;
 /// How often a waiter wakes to run its liveness check.
 pub const POLL: Duration = Duration::from_millis(20);
-/// Iterations of the spin before a waiter sleeps on the futex.
-const SPINS: usize = 4000;
+/// How long a waiter spins before it sleeps on the futex. A worker waits for rank 0's next
+/// command only for rank 0's host work between steps (a few hundred microseconds), so it
+/// usually never sleeps during generation and never pays the futex wake-up latency; an idle
+/// worker sleeps.
+const SPIN: Duration = Duration::from_micros(500);
 const MAGIC: u64 = 0x6e61_6e6f_766c_6c6d; // "nanovllm"
 const HEADER_BYTES: usize = 8192;
 /// Bytes of each rank's error message area.
@@ -415,11 +418,17 @@ pub fn wait_until(
     done: impl Fn(u32) -> bool,
     alive: Option<&Liveness>,
 ) -> Result<()> {
-    for _ in 0..SPINS {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
         if done(word.load(Ordering::Acquire)) {
             return Ok(());
         }
         std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+            break;
+        }
     }
     loop {
         let v = word.load(Ordering::Acquire);

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Tensor parallelism on a machine with two GPUs, in one command from the repository root:
 #   equal   greedy tokens and teacher-forced logits at --tp 2 against --tp 1 (dummy Qwen3-0.6B
-#           and Qwen3-8B), divergence allowed only after a near tie of tp 1's two best logits
+#           and Qwen3-8B), divergence allowed only after a near tie of tp 1's two best logits;
+#           and the one-shot all-reduce against NCCL's (NANOVLLM_CUSTOM_ALLREDUCE=0) at --tp 2
 #   hf      scripts/gpu/hf_compare.py with --tp 2 (quick: one config)
-#   bench   `nanovllm bench` (bench.py's workload) at tp 1 and tp 2, Qwen3-0.6B and Qwen3-8B
+#   bench   `nanovllm bench` (bench.py's workload) at tp 1 and tp 2 (and tp 2 on NCCL alone),
+#           Qwen3-0.6B and Qwen3-8B
+#   steps   decode step time of dummy Qwen3-8B at batch 1, 16 and 256 (fixed lengths: 512-token
+#           prompts, 128 new tokens) at tp 1, tp 2 and tp 2 on NCCL alone: where tp 2 loses
 #   fail    a worker killed mid-run ends rank 0 with an error within 10 s; --tp 4 on two GPUs
 #           is refused before any weight is loaded; `generate --tp 2` works
 # Pick parts with TP_PARTS (default: all). Expects gpu/bin/nanovllm (scripts/gpu/stage.sh).
@@ -12,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/nanovllm-tp}"
 bin=gpu/bin/nanovllm
-parts="${TP_PARTS:-equal hf bench fail}"
+parts="${TP_PARTS:-equal hf bench steps fail}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -24,7 +28,7 @@ nvidia-smi topo -m >"$out/topo.txt" 2>&1 || true
 
 if has equal; then
     for model in qwen3-0.6b qwen3-8b; do
-        if ! timeout 400 python3 - "$bin" "$model" "$out/equal-$model" <<'PY' 2>&1 | tee "$out/equal-$model.log"; then
+        if ! timeout 400 python3 - "$bin" "$model" "/tmp/nanovllm-tp-equal/$model" <<'PY' 2>&1 | tee "$out/equal-$model.log"; then
 import json, os, subprocess, sys
 import numpy as np
 binary, model, root = sys.argv[1:4]
@@ -33,7 +37,7 @@ rng = np.random.default_rng(0)
 prompts = [rng.integers(0, 10000, n).tolist() for n in (7, 33, 100, 300)]
 MAX_NEW = 64
 
-def dump(tp, prompts, max_tokens, score, tag):
+def dump(tp, prompts, max_tokens, score, tag, env=None):
     d = os.path.join(root, f"{tag}-tp{tp}")
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "input.json"), "w") as f:
@@ -41,7 +45,7 @@ def dump(tp, prompts, max_tokens, score, tag):
     cmd = [binary, "hf-dump", "--model", model, "--input", os.path.join(d, "input.json"),
            "--outdir", d, "--device", "cuda", "--tp", str(tp), "--max-num-seqs", "512",
            "--max-model-len", "1024"] + (["--score"] if score else [])
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
     tokens = json.load(open(os.path.join(d, "tokens.json")))["tokens"]
@@ -51,6 +55,10 @@ def dump(tp, prompts, max_tokens, score, tag):
 
 t1, l1 = dump(1, prompts, MAX_NEW, True, "gen")
 t2, l2 = dump(2, prompts, MAX_NEW, True, "gen")
+tn, ln = dump(2, prompts, MAX_NEW, True, "gen-nccl", {"NANOVLLM_CUSTOM_ALLREDUCE": "0"})
+ar_diff = max(float(np.abs(a - b).max()) for a, b in zip(l2, ln))
+print(f"{model} tp2: one-shot all-reduce vs NCCL: logits max |diff| {ar_diff:.4f}, "
+      f"greedy tokens {'identical' if t2 == tn else 'DIFFER'}")
 max_abs = max(float(np.abs(a - b).max()) for a, b in zip(l1, l2))
 scale = max(float(np.abs(a).max()) for a in l1)
 argmax_agree = np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(l1, l2)]))
@@ -71,11 +79,12 @@ for p, a, b, lg in zip(prompts, t1, t2, lf):
 print(f"{model}: teacher-forced logits tp2 vs tp1 max |diff| {max_abs:.4f} (largest |logit| {scale:.1f}), "
       f"argmax agreement {argmax_agree:.4f}; greedy {MAX_NEW} tokens: {same}/{len(prompts)} prompts identical; "
       f"divergences {first or 'none'} (allowed at top-2 gap <= {noise:.3f})")
-sys.exit(0 if ok else 1)
+sys.exit(0 if ok and ar_diff <= max_abs else 1)
 PY
             status=1
             summary+=("equal $model: FAIL (see equal-$model.log)")
         else
+            summary+=("$(tail -2 "$out/equal-$model.log" | head -1)")
             summary+=("$(tail -1 "$out/equal-$model.log")")
         fi
     done
@@ -89,9 +98,10 @@ fi
 
 if has bench; then
     for model in qwen3-0.6b qwen3-8b; do
-        for tp in 1 2; do
+        for tp in 1 2 2nccl; do
             f="$out/bench-$model-tp$tp.json"
-            if timeout 300 "$bin" bench --model "$model" --tp "$tp" --json >"$f" 2>"$out/bench-$model-tp$tp.err"; then
+            car=1; [ "$tp" = 2nccl ] && car=0
+            if NANOVLLM_CUSTOM_ALLREDUCE=$car timeout 300 "$bin" bench --model "$model" --tp "${tp%nccl}" --json >"$f" 2>"$out/bench-$model-tp$tp.err"; then
                 summary+=("$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\"bench {sys.argv[2]} tp{sys.argv[3]}: {j['output_tokens_per_second']:.0f} tok/s, prefill {j['prefill_seconds']:.2f} s, decode {j['decode_seconds']:.2f} s, cold start {j['cold_start_seconds']:.1f} s\")" "$f" "$model" "$tp")")
             else
                 status=1; summary+=("bench $model tp$tp: FAIL"); tail -5 "$out/bench-$model-tp$tp.err"
@@ -103,13 +113,31 @@ if has bench; then
     done
 fi
 
+if has steps; then
+    for bs in 1 16 256; do
+        line="8B decode step, batch $bs:"
+        for tp in 1 2 2nccl; do
+            f="$out/steps-$bs-tp$tp.json"
+            car=1; [ "$tp" = 2nccl ] && car=0
+            if NANOVLLM_CUSTOM_ALLREDUCE=$car timeout 200 "$bin" bench --model qwen3-8b --tp "${tp%nccl}" --num-seqs "$bs" \
+                --min-input-len 512 --max-input-len 512 --min-output-len 128 --max-output-len 128 --json \
+                >"$f" 2>/dev/null; then
+                line+="$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\" tp{sys.argv[2]} {1e3*j['decode_seconds']/max(1,j['decode_steps']):.3f} ms\", end='')" "$f" "$tp")"
+            else
+                line+=" tp$tp FAIL"; status=1
+            fi
+        done
+        summary+=("$line")
+    done
+fi
+
 if has fail; then
     python3 - "$bin" <<'PY' 2>&1 | tee "$out/fail.log"
 import os, signal, subprocess, sys, time
 binary = sys.argv[1]
 res = []
 # A worker killed in the middle of a benchmark.
-p = subprocess.Popen([binary, "bench", "--tp", "2", "--num-seqs", "256"], stdout=subprocess.DEVNULL,
+p = subprocess.Popen([binary, "bench", "--tp", "2", "--model", "qwen3-8b"], stdout=subprocess.DEVNULL,
                      stderr=subprocess.PIPE, text=True)
 worker = None
 for _ in range(600):
@@ -124,9 +152,12 @@ for _ in range(600):
     if worker:
         break
     time.sleep(0.05)
-time.sleep(12)  # start-up, warm-up, into the timed run
+time.sleep(15)  # start-up, warm-up, into the timed run (which takes ~13 s)
 alive_before = p.poll() is None
-os.kill(worker, signal.SIGKILL)
+try:
+    os.kill(worker, signal.SIGKILL)
+except ProcessLookupError:
+    alive_before = False
 t = time.time()
 try:
     _, err = p.communicate(timeout=30)

@@ -21,6 +21,7 @@
 //! bounds. Buffer lengths are checked on the host before every launch.
 
 mod attention;
+mod custom_ar;
 mod gemm;
 mod nccl;
 mod ops;

@@ -7,6 +7,10 @@
 //! its 128 bytes to the other ranks; every rank then calls [`NcclComm::new`] with it (the call
 //! returns once all ranks have joined). [`NcclComm::abort`] may be called from another thread
 //! to unblock a rank waiting on a dead peer; every later call errors.
+//!
+//! All-reduces small enough for the one-shot kernel of `custom_ar.cu` (decode steps) go
+//! through it when every rank could map its peers' memory (GPUs of one host with peer
+//! access); `NANOVLLM_CUSTOM_ALLREDUCE=0` keeps everything on NCCL.
 
 use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
@@ -19,6 +23,7 @@ use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
+use super::custom_ar::CustomAllReduce;
 use super::{driver_err, CudaBackend, CudaBuf};
 
 /// Bytes of an NCCL unique id.
@@ -58,6 +63,8 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
+    /// The one-shot all-reduce, when every rank set it up.
+    custom: Option<CustomAllReduce>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap;
@@ -96,12 +103,99 @@ impl NcclComm {
                 Ok(comm.assume_init())
             }
         })?;
-        Ok(NcclComm {
+        let mut nccl = NcclComm {
             comm: Mutex::new(Some(comm)),
             stream: be.stream().clone(),
             rank,
             size,
-        })
+            custom: None,
+        };
+        let wanted = std::env::var("NANOVLLM_CUSTOM_ALLREDUCE").map_or(true, |v| v != "0");
+        if wanted && size > 1 {
+            nccl.custom = nccl.setup_custom(be)?;
+        }
+        Ok(nccl)
+    }
+
+    /// Sets up the one-shot all-reduce on every rank or on none: each rank shares an
+    /// allocation, the IPC handles are exchanged through NCCL, and the ranks agree (a min over
+    /// "it worked") before anyone uses it. Every rank makes the same collective calls whatever
+    /// fails locally.
+    fn setup_custom(&self, be: &CudaBackend) -> Result<Option<CustomAllReduce>> {
+        let allocated = CustomAllReduce::allocate(be);
+        let mine = allocated.as_ref().map(|(_, h)| *h).unwrap_or([0; 64]);
+        let handles = self.all_gather_64(&mine)?;
+        let all_allocated = self.all_reduce_min(allocated.is_ok() as u64)? == 1;
+        let connected = match allocated {
+            Ok((local, _)) if all_allocated => {
+                CustomAllReduce::connect(be, local, &handles, self.rank).ok()
+            }
+            Ok((local, _)) => {
+                // SAFETY: our own allocation from `allocate`, used by nobody.
+                let _ = unsafe { cudarc::driver::result::free_sync(local) };
+                None
+            }
+            Err(_) => None,
+        };
+        let everyone = self.all_reduce_min(connected.is_some() as u64)? == 1;
+        Ok(if everyone { connected } else { None })
+    }
+
+    /// Whether all-reduces of up to the one-shot kernel's capacity bypass NCCL.
+    pub fn uses_custom_all_reduce(&self) -> bool {
+        self.custom.is_some()
+    }
+
+    /// An error when a one-shot all-reduce gave up waiting for a peer (its results are wrong):
+    /// cheap (a read of host memory), meant for after each step.
+    pub fn check(&self) -> Result<()> {
+        match &self.custom {
+            Some(ar) if ar.timed_out() => Err(Error::Worker(
+                "a peer GPU did not reach an all-reduce within 5 s (its process died or hangs)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every rank's 64 bytes, by rank (synchronises the stream).
+    fn all_gather_64(&self, mine: &[u8; 64]) -> Result<Vec<[u8; 64]>> {
+        let src = self
+            .stream
+            .clone_htod(mine)
+            .map_err(|e| driver_err("nccl all_gather: upload", e))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<u8>(64 * self.size)
+            .map_err(|e| driver_err("nccl all_gather: alloc", e))?;
+        {
+            let (sp, _s) = src.device_ptr(&self.stream);
+            let (dp, _d) = dst.device_ptr_mut(&self.stream);
+            self.with("all_gather", |comm| {
+                // SAFETY: `src` holds 64 bytes and `dst` 64 per rank, both alive until after
+                // the synchronising download below.
+                unsafe {
+                    result::all_gather(
+                        sp as *const c_void,
+                        dp as *mut c_void,
+                        64,
+                        ncclDataType_t::ncclUint8,
+                        comm,
+                        self.raw_stream(),
+                    )
+                }
+                .map(|_| ())
+                .map_err(|e| nccl_err("all_gather", e))
+            })?;
+        }
+        let host = self
+            .stream
+            .clone_dtoh(&dst)
+            .map_err(|e| driver_err("nccl all_gather: download", e))?;
+        Ok(host
+            .chunks_exact(64)
+            .map(|c| c.try_into().unwrap_or([0; 64]))
+            .collect())
     }
 
     /// This rank.
@@ -137,6 +231,10 @@ impl NcclComm {
         super::check_len("nccl all_reduce", "buf", buf, len)?;
         if len == 0 {
             return Ok(());
+        }
+        if let Some(ar) = self.custom.as_ref().filter(|ar| len <= ar.capacity()) {
+            // Refused after an abort, like the NCCL calls.
+            return self.with("all_reduce", |_| ar.all_reduce(buf, len));
         }
         let (ptr, _sync) = buf.raw_mut().device_ptr_mut(&self.stream);
         self.with("all_reduce", |comm| {
@@ -275,8 +373,9 @@ impl Drop for NcclComm {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         if let Some(comm) = comm {
-            // Work queued on the stream may still use the communicator.
+            // Work queued on the stream may still use the communicator or the shared buffers.
             let _ = self.stream.synchronize();
+            self.custom = None;
             // SAFETY: the handle is live (not aborted) and no other reference to it remains.
             let _ = unsafe { result::comm_destroy(comm) };
         }
