@@ -201,13 +201,21 @@ fn a_killed_worker_is_an_error_on_rank_0_within_seconds() {
         .status()
         .unwrap();
     let t = Instant::now();
-    let err = loop {
-        match two.step() {
-            Ok(_) if t.elapsed() < Duration::from_secs(10) => continue,
-            Ok(_) => panic!("still stepping 10 s after the worker was killed"),
-            Err(e) => break e,
-        }
-    };
+    // Stepping runs on its own thread so that a hang fails the test instead of stalling it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let err = loop {
+            match two.step() {
+                Ok(_) if t.elapsed() < Duration::from_secs(10) => continue,
+                Ok(_) => panic!("still stepping 10 s after the worker was killed"),
+                Err(e) => break e,
+            }
+        };
+        let _ = tx.send((err, two));
+    });
+    let (err, mut two) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("rank 0 hung after its worker was killed");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert!(matches!(err, Error::Worker(_)), "{err}");
     let msg = err.to_string();

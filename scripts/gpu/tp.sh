@@ -114,9 +114,9 @@ if has bench; then
 fi
 
 if has steps; then
-    for bs in 1 16 256; do
+    for bs in ${STEPS_BS:-1 16 256}; do
         line="8B decode step, batch $bs:"
-        for tp in 1 2 2nccl; do
+        for tp in ${STEPS_TP:-1 2 2nccl}; do
             f="$out/steps-$bs-tp$tp.json"
             car=1; [ "$tp" = 2nccl ] && car=0
             if NANOVLLM_CUSTOM_ALLREDUCE=$car timeout 200 "$bin" bench --model qwen3-8b --tp "${tp%nccl}" --num-seqs "$bs" \
