@@ -607,15 +607,26 @@ fn runner_on<B: Backend>(
         src.dir.as_deref(),
         load_format,
     )?;
-    let stats = runner.stats().clone();
     let device = be.name();
-    Ok(BuiltRunner {
-        runner: Box::new(runner),
-        device,
-        stats,
-        memory_info: Box::new(move || be.memory_info()),
-        is_cpu,
-    })
+    Ok(BuiltRunner::new(runner, be, device, is_cpu))
+}
+
+impl BuiltRunner {
+    /// Wraps `runner` (on backend `be`, described as `device`) for the facade.
+    pub(crate) fn new<B: Backend>(
+        runner: ModelRunner<B>,
+        be: Arc<B>,
+        device: String,
+        is_cpu: bool,
+    ) -> Self {
+        BuiltRunner {
+            stats: runner.stats().clone(),
+            runner: Box::new(runner),
+            device,
+            memory_info: Box::new(move || be.memory_info()),
+            is_cpu,
+        }
+    }
 }
 
 fn build_runner(

@@ -199,19 +199,12 @@ fn finish<B: Backend>(
     )?;
     group.wait_for(WorkerState::Ready)?;
     runner.attach_workers(group);
-    let stats = runner.stats().clone();
     let device = format!(
         "{} (+{} workers)",
         be.name(),
         config.tensor_parallel_size - 1
     );
-    Ok(BuiltRunner {
-        runner: Box::new(runner),
-        device,
-        stats,
-        memory_info: Box::new(move || be.memory_info()),
-        is_cpu,
-    })
+    Ok(BuiltRunner::new(runner, be, device, is_cpu))
 }
 
 /// A worker process: maps the shared memory at `shm` as `rank`, builds its shard of the model
