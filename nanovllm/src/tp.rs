@@ -3,7 +3,7 @@
 //! worker`, started by rank 0, never by hand) runs.
 //!
 //! Start-up, on rank 0: check the devices (enough GPUs, NCCL loads) before any weight is read;
-//! create the shared memory and write the start-up message ([`WorkerInit`]: model, device,
+//! create the shared memory and write the start-up message (`WorkerInit`: model, device,
 //! engine options, NCCL id) as its first command; start ranks 1..N-1; build rank 0's runner
 //! while the workers build theirs (the KV-cache size is agreed inside); wait until every
 //! worker is ready. The shared-memory file is removed as soon as every worker has mapped it
