@@ -158,7 +158,25 @@ fn cuda_rank0(
     // Every worker has its GPU up before anyone blocks in the NCCL rendezvous.
     group.wait_for(WorkerState::Started)?;
     group.region().unlink();
-    let comm = Arc::new(NcclComm::new(&be, 0, tp, &id)?);
+    // ncclCommInitRank waits for every rank: it runs on its own thread while this one watches
+    // the workers, so a worker that dies in the rendezvous is an error here, not a hang (the
+    // blocked thread is left behind).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let init_be = Arc::clone(&be);
+    std::thread::spawn(move || {
+        let _ = tx.send(NcclComm::new(&init_be, 0, tp, &id));
+    });
+    let comm = loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+            Ok(comm) => break Arc::new(comm?),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => group.check()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::Cuda(
+                    "NCCL init: the init thread ended without a result".into(),
+                ))
+            }
+        }
+    };
     let aborter = Arc::clone(&comm);
     group.on_worker_death(move || aborter.abort());
     finish(be, comm, src, config, lf, group, false)
