@@ -859,6 +859,68 @@ mod tests {
     }
 
     #[test]
+    fn step_inputs_survive_the_trip_to_a_worker() {
+        let mut h = HostInputs::default();
+        h.input_ids.extend([5, 151_935, 0]);
+        h.positions.extend([0, 1, -2]);
+        h.slot_mapping.extend([7, -1, 300]);
+        h.cu_seqlens_q.extend([0, 2, 3]);
+        h.cu_seqlens_k.extend([0, 9, 12]);
+        h.context_lens.extend([9, 3]);
+        h.block_tables.extend([4, -1, 2, 1]);
+        h.logits_indices.extend([1, 2]);
+        h.temperatures.extend([0.6, 0.0]);
+        h.top_k.extend([0, 50]);
+        h.top_p.extend([1.0, 0.95]);
+        h.seeds.extend([u64::MAX, 3]);
+        h.steps.extend([0, 17]);
+        let shape = BatchShape {
+            num_tokens: 3,
+            num_seqs: 2,
+            max_seqlen_q: 2,
+            max_seqlen_k: 9,
+            num_logits: 2,
+        };
+        let bytes = Call::Step(h.to_call(StepKind::Prefill, &shape)).encode();
+        let Call::Step(call) = Call::decode(&bytes).unwrap() else {
+            panic!("not a step");
+        };
+        assert_eq!(call.kind, Some(StepKind::Prefill));
+        let mut w = HostInputs::default();
+        let got = w.take_call(call).unwrap();
+        assert_eq!(
+            (
+                got.num_tokens,
+                got.num_seqs,
+                got.max_seqlen_q,
+                got.max_seqlen_k,
+                got.num_logits
+            ),
+            (3, 2, 2, 9, 2)
+        );
+        assert_eq!(w.input_ids, h.input_ids);
+        assert_eq!(w.positions, h.positions);
+        assert_eq!(w.slot_mapping, h.slot_mapping);
+        assert_eq!(w.cu_seqlens_q, h.cu_seqlens_q);
+        assert_eq!(w.cu_seqlens_k, h.cu_seqlens_k);
+        assert_eq!(w.context_lens, h.context_lens);
+        assert_eq!(w.block_tables, h.block_tables);
+        assert_eq!(w.logits_indices, h.logits_indices);
+        assert_eq!(w.temperatures, h.temperatures);
+        assert_eq!(w.top_k, h.top_k);
+        assert_eq!(w.top_p, h.top_p);
+        assert_eq!(w.seeds, h.seeds);
+        assert_eq!(w.steps, h.steps);
+        // A command missing arrays is an error, not a panic.
+        let short = StepCall {
+            kind: Some(StepKind::Decode),
+            arrays: vec![vec![1]; 3],
+            ..Default::default()
+        };
+        assert!(w.take_call(short).is_err());
+    }
+
+    #[test]
     fn slots_and_block_tables() {
         assert_eq!(slot(&[7, 3], 0, 16).unwrap(), 7 * 16);
         assert_eq!(slot(&[7, 3], 17, 16).unwrap(), 3 * 16 + 1);
