@@ -29,6 +29,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Thro
 use nanovllm_kernels::cpu::{rope_cos_sin_cache, CpuBackend};
 use nanovllm_kernels::{bf16, AttnParams, Backend, Elem, SamplingBufs};
 use nanovllm_utils::Result;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 
 // ---- Qwen3-0.6B
 const HIDDEN: usize = 1024;
@@ -104,47 +107,24 @@ const CPU_SIZES: Sizes = Sizes {
     samples: 10,
 };
 
-/// SplitMix64: a small seeded generator for the inputs.
-struct Rng(u64);
+/// A standard normal draw (Box-Muller over rand's uniform draws).
+fn normal(rng: &mut StdRng) -> f32 {
+    let u: f32 = 1.0 - rng.gen::<f32>(); // (0, 1]
+    let v: f32 = rng.gen();
+    (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+}
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f32 {
-        ((self.next_u64() >> 40) + 1) as f32 / (1u64 << 24) as f32
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-
-    /// `0..n` in random order.
-    fn permutation(&mut self, n: usize) -> Vec<i32> {
-        let mut p: Vec<i32> = (0..n as i32).collect();
-        for i in (1..n).rev() {
-            p.swap(i, self.below(i + 1));
-        }
-        p
-    }
+/// `0..n` in random order.
+fn permutation(rng: &mut StdRng, n: usize) -> Vec<i32> {
+    let mut p: Vec<i32> = (0..n as i32).collect();
+    p.shuffle(rng);
+    p
 }
 
 /// Builds the inputs of the benches on one backend.
 struct Setup<'b, B: Backend> {
     be: &'b B,
-    rng: Rng,
+    rng: StdRng,
     rotate_bytes: usize,
 }
 
@@ -166,7 +146,7 @@ impl<B: Backend> Setup<'_, B> {
     /// the buffer is rows of one host draw picked at random, gathered on the device.
     fn randn(&mut self, len: usize, scale: f32) -> B::Buf<bf16> {
         let host: Vec<bf16> = (0..len.min(Self::HOST_DRAW))
-            .map(|_| bf16::from_f32(scale * self.rng.normal()))
+            .map(|_| bf16::from_f32(scale * normal(&mut self.rng)))
             .collect();
         let src = self.upload(&host);
         if len <= Self::HOST_DRAW {
@@ -174,7 +154,7 @@ impl<B: Backend> Setup<'_, B> {
         }
         let rows = len.div_ceil(Self::ROW);
         let picks: Vec<i32> = (0..rows)
-            .map(|_| self.rng.below(Self::HOST_DRAW / Self::ROW) as i32)
+            .map(|_| self.rng.gen_range(0..Self::HOST_DRAW / Self::ROW) as i32)
             .collect();
         let picks = self.upload(&picks);
         let mut out = self.alloc(rows * Self::ROW);
@@ -205,7 +185,7 @@ impl<B: Backend> Setup<'_, B> {
     /// `n` positions below [`MAX_POSITION`] and the rotary table they index.
     fn rope(&mut self, n: usize) -> (B::Buf<i32>, B::Buf<f32>) {
         let pos: Vec<i32> = (0..n)
-            .map(|_| self.rng.below(MAX_POSITION) as i32)
+            .map(|_| self.rng.gen_range(0..MAX_POSITION) as i32)
             .collect();
         let table = rope_cos_sin_cache(HEAD_DIM, MAX_POSITION, ROPE_THETA).expect("rope table");
         (self.upload(&pos), self.upload(&table))
@@ -305,7 +285,7 @@ fn row_ops<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, s: &mut Setup<'_, B
         let sets = s.sets(moved);
         let ids: Vec<_> = (0..sets)
             .map(|_| {
-                let ids: Vec<u32> = (0..n).map(|_| s.rng.below(vocab) as u32).collect();
+                let ids: Vec<u32> = (0..n).map(|_| s.rng.gen_range(0..vocab) as u32).collect();
                 s.upload(&ids)
             })
             .collect();
@@ -336,7 +316,7 @@ fn row_ops<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, s: &mut Setup<'_, B
         let sets = s.sets(moved);
         let picks: Vec<_> = (0..sets)
             .map(|_| {
-                let p: Vec<i32> = (0..rows).map(|_| s.rng.below(n) as i32).collect();
+                let p: Vec<i32> = (0..rows).map(|_| s.rng.gen_range(0..n) as i32).collect();
                 s.upload(&p)
             })
             .collect();
@@ -361,7 +341,7 @@ fn rope_store_ops<B: Backend>(
     let (qn, kn) = (s.randn(HEAD_DIM, 1.0), s.randn(HEAD_DIM, 1.0));
     // The cache has twice the tokens' slots; the tokens go to a random half of them.
     let slots = (2 * n).next_multiple_of(BLOCK);
-    let slot_mapping = s.rng.permutation(slots);
+    let slot_mapping = permutation(&mut s.rng, slots);
     let slot_mapping = s.upload(&slot_mapping[..n]);
     let mut kc = s.randn(slots * KV_HEADS * HEAD_DIM, 1.0);
     let mut vc = s.randn(slots * KV_HEADS * HEAD_DIM, 1.0);
@@ -450,7 +430,7 @@ fn attention_ops<B: Backend>(
         let a = attn_params(per_seq);
         let kc = s.randn(blocks * BLOCK * slot_width, 1.0);
         let vc = s.randn(blocks * BLOCK * slot_width, 1.0);
-        let tables = s.rng.permutation(blocks);
+        let tables = permutation(&mut s.rng, blocks);
         let tables = s.upload(&tables);
         let lens = s.upload(&vec![ctx as i32; batch]);
         let qkv = s.randn(batch * QKV_WIDTH, 1.0);
@@ -469,7 +449,7 @@ fn attention_ops<B: Backend>(
         let a = attn_params(per_seq);
         let kc = s.randn(blocks * BLOCK * slot_width, 1.0);
         let vc = s.randn(blocks * BLOCK * slot_width, 1.0);
-        let tables = s.rng.permutation(blocks);
+        let tables = permutation(&mut s.rng, blocks);
         let tables = s.upload(&tables);
         let cu: Vec<i32> = (0..=seqs).map(|i| (i * len) as i32).collect();
         let cu = s.upload(&cu);
@@ -496,9 +476,9 @@ fn sample_op<B: Backend>(g: &mut BenchmarkGroup<'_, WallTime>, s: &mut Setup<'_,
     let temperatures = s.upload(&vec![TEMPERATURE; rows]);
     let top_k = s.upload(&vec![0i32; rows]);
     let top_p = s.upload(&vec![1.0f32; rows]);
-    let seeds: Vec<u64> = (0..rows).map(|_| s.rng.next_u64()).collect();
+    let seeds: Vec<u64> = (0..rows).map(|_| s.rng.gen::<u64>()).collect();
     let seeds = s.upload(&seeds);
-    let steps: Vec<u32> = (0..rows).map(|_| s.rng.below(1000) as u32).collect();
+    let steps: Vec<u32> = (0..rows).map(|_| s.rng.gen_range(0..1000) as u32).collect();
     let steps = s.upload(&steps);
     let params = SamplingBufs {
         temperatures: &temperatures,
@@ -522,7 +502,7 @@ fn bench_on<B: Backend>(c: &mut Criterion, be: B, sz: &Sizes) {
         .sample_size(sz.samples);
     let mut s = Setup {
         be: &be,
-        rng: Rng(0x0B5E_55ED),
+        rng: StdRng::seed_from_u64(0x0B5E_55ED),
         rotate_bytes: sz.rotate_bytes,
     };
     row_ops(&mut group, &mut s, sz);

@@ -65,7 +65,7 @@ struct StepBuffers<B: Backend> {
 }
 
 /// The same inputs on the host, reused from step to step.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 struct HostInputs {
     input_ids: Vec<u32>,
     positions: Vec<i32>,
@@ -108,61 +108,50 @@ impl HostInputs {
         self.steps.push(seq.num_completion_tokens() as u32);
     }
 
-    /// The inputs as a command for the workers.
-    fn to_call(&self, kind: StepKind, shape: &BatchShape) -> StepCall {
-        let i32s = |v: &Vec<i32>| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
-        let f32s = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-        StepCall {
-            kind: Some(kind),
-            shape: [
-                shape.num_tokens as u64,
-                shape.num_seqs as u64,
-                shape.max_seqlen_q as u64,
-                shape.max_seqlen_k as u64,
-                shape.num_logits as u64,
-            ],
-            arrays: vec![
-                self.input_ids.clone(),
-                i32s(&self.positions),
-                i32s(&self.slot_mapping),
-                i32s(&self.cu_seqlens_q),
-                i32s(&self.cu_seqlens_k),
-                i32s(&self.context_lens),
-                i32s(&self.block_tables),
-                i32s(&self.logits_indices),
-                f32s(&self.temperatures),
-                i32s(&self.top_k),
-                f32s(&self.top_p),
-                self.steps.clone(),
-            ],
-            seeds: self.seeds.clone(),
-        }
+    /// The inputs as plain bytes, in the order [`HostInputs::take_call`] reads them.
+    fn as_bytes(&self) -> Vec<&[u8]> {
+        use bytemuck::cast_slice as b;
+        vec![
+            b(&self.input_ids),
+            b(&self.positions),
+            b(&self.slot_mapping),
+            b(&self.cu_seqlens_q),
+            b(&self.cu_seqlens_k),
+            b(&self.context_lens),
+            b(&self.block_tables),
+            b(&self.logits_indices),
+            b(&self.temperatures),
+            b(&self.top_k),
+            b(&self.top_p),
+            b(&self.seeds),
+            b(&self.steps),
+        ]
     }
 
     /// Takes the inputs of a command from rank 0; returns the batch's shape.
-    fn take_call(&mut self, call: StepCall) -> Result<BatchShape> {
+    fn take_call(&mut self, call: &StepCall<'_>) -> Result<BatchShape> {
+        if call.arrays.len() != 13 {
+            return Err(Error::Worker(format!(
+                "step command with {} input arrays, expected 13",
+                call.arrays.len()
+            )));
+        }
+        let a = &call.arrays;
+        self.input_ids = pod_vec(a[0])?;
+        self.positions = pod_vec(a[1])?;
+        self.slot_mapping = pod_vec(a[2])?;
+        self.cu_seqlens_q = pod_vec(a[3])?;
+        self.cu_seqlens_k = pod_vec(a[4])?;
+        self.context_lens = pod_vec(a[5])?;
+        self.block_tables = pod_vec(a[6])?;
+        self.logits_indices = pod_vec(a[7])?;
+        self.temperatures = pod_vec(a[8])?;
+        self.top_k = pod_vec(a[9])?;
+        self.top_p = pod_vec(a[10])?;
+        self.seeds = pod_vec(a[11])?;
+        self.steps = pod_vec(a[12])?;
         let [num_tokens, num_seqs, max_seqlen_q, max_seqlen_k, num_logits] =
             call.shape.map(|v| v as usize);
-        let mut a = call.arrays.into_iter();
-        let mut next = || {
-            a.next()
-                .ok_or_else(|| Error::Worker("step command lacks an input array".into()))
-        };
-        let i32s = |v: Vec<u32>| v.into_iter().map(|x| x as i32).collect::<Vec<i32>>();
-        let f32s = |v: Vec<u32>| v.into_iter().map(f32::from_bits).collect::<Vec<f32>>();
-        self.input_ids = next()?;
-        self.positions = i32s(next()?);
-        self.slot_mapping = i32s(next()?);
-        self.cu_seqlens_q = i32s(next()?);
-        self.cu_seqlens_k = i32s(next()?);
-        self.context_lens = i32s(next()?);
-        self.block_tables = i32s(next()?);
-        self.logits_indices = i32s(next()?);
-        self.temperatures = f32s(next()?);
-        self.top_k = i32s(next()?);
-        self.top_p = f32s(next()?);
-        self.steps = next()?;
-        self.seeds = call.seeds;
         Ok(BatchShape {
             num_tokens,
             num_seqs,
@@ -192,7 +181,7 @@ impl HostInputs {
 }
 
 /// The shape of one step's batch.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct BatchShape {
     num_tokens: usize,
     num_seqs: usize,
@@ -246,8 +235,10 @@ pub struct ModelRunner<B: Backend> {
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
     stats: RunnerStats,
     profile: RunnerProfile,
-    /// Rank 0 of a tensor-parallel group: the other ranks' processes.
+    /// Rank 0 of a tensor-parallel group: the other ranks' processes, and the buffer each
+    /// step's command is encoded into.
     workers: Option<WorkerGroup>,
+    call_buf: Vec<u8>,
 }
 
 impl<B: Backend> StepBuffers<B> {
@@ -378,6 +369,7 @@ impl<B: Backend> ModelRunner<B> {
             graphs: Vec::new(),
             profile: RunnerProfile::default(),
             workers: None,
+            call_buf: Vec::new(),
             stats: RunnerStats {
                 weight_bytes: nanovllm_models::qwen3::weight_bytes_per_rank(model_config, tp),
                 num_kvcache_blocks: num_blocks,
@@ -407,7 +399,19 @@ impl<B: Backend> ModelRunner<B> {
     /// rank's device: the workers' wake-up and copies overlap this rank's.
     fn send_and_upload(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
         if let Some(w) = &mut self.workers {
-            w.send(&Call::Step(self.host.to_call(kind, shape)).encode())?;
+            let call = Call::Step(StepCall {
+                kind,
+                shape: [
+                    shape.num_tokens as u64,
+                    shape.num_seqs as u64,
+                    shape.max_seqlen_q as u64,
+                    shape.max_seqlen_k as u64,
+                    shape.num_logits as u64,
+                ],
+                arrays: self.host.as_bytes(),
+            });
+            call.encode_into(&mut self.call_buf);
+            w.send(&self.call_buf)?;
         }
         self.upload(matches!(kind, StepKind::Prefill | StepKind::Score))
     }
@@ -416,12 +420,13 @@ impl<B: Backend> ModelRunner<B> {
     /// collectives meet rank 0's; nothing comes back through the shared memory.
     pub fn serve(&mut self, endpoint: &mut WorkerEndpoint) -> Result<()> {
         loop {
-            let call = match Call::decode(&endpoint.recv()?)? {
+            let payload = endpoint.recv()?;
+            let call = match Call::decode(&payload)? {
                 Call::Exit => return Ok(()),
                 Call::Step(call) => call,
             };
-            let kind = call.kind.unwrap_or(StepKind::Score);
-            let shape = self.host.take_call(call)?;
+            let kind = call.kind;
+            let shape = self.host.take_call(&call)?;
             self.check_fits(&shape)?;
             let is_prefill = matches!(kind, StepKind::Prefill | StepKind::Score);
             self.upload(is_prefill)?;
@@ -813,6 +818,18 @@ impl<B: Backend> StepRunner for ModelRunner<B> {
     }
 }
 
+/// A vector of `T` from plain bytes; an error when they are not a whole number of `T`.
+fn pod_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Result<Vec<T>> {
+    if !bytes.len().is_multiple_of(std::mem::size_of::<T>()) {
+        return Err(Error::Worker(format!(
+            "step command array of {} bytes is not a whole number of {}-byte elements",
+            bytes.len(),
+            std::mem::size_of::<T>()
+        )));
+    }
+    Ok(bytemuck::pod_collect_to_vec(bytes))
+}
+
 /// The cache slot of token `pos` of a sequence with `block_table`.
 fn slot(block_table: &[u32], pos: usize, block_size: usize) -> Result<i32> {
     let block = block_table.get(pos / block_size).ok_or_else(|| {
@@ -881,43 +898,27 @@ mod tests {
             max_seqlen_k: 9,
             num_logits: 2,
         };
-        let bytes = Call::Step(h.to_call(StepKind::Prefill, &shape)).encode();
+        let call = Call::Step(StepCall {
+            kind: StepKind::Prefill,
+            shape: [3, 2, 2, 9, 2],
+            arrays: h.as_bytes(),
+        });
+        let bytes = call.encode();
         let Call::Step(call) = Call::decode(&bytes).unwrap() else {
             panic!("not a step");
         };
-        assert_eq!(call.kind, Some(StepKind::Prefill));
+        assert_eq!(call.kind, StepKind::Prefill);
         let mut w = HostInputs::default();
-        let got = w.take_call(call).unwrap();
-        assert_eq!(
-            (
-                got.num_tokens,
-                got.num_seqs,
-                got.max_seqlen_q,
-                got.max_seqlen_k,
-                got.num_logits
-            ),
-            (3, 2, 2, 9, 2)
-        );
-        assert_eq!(w.input_ids, h.input_ids);
-        assert_eq!(w.positions, h.positions);
-        assert_eq!(w.slot_mapping, h.slot_mapping);
-        assert_eq!(w.cu_seqlens_q, h.cu_seqlens_q);
-        assert_eq!(w.cu_seqlens_k, h.cu_seqlens_k);
-        assert_eq!(w.context_lens, h.context_lens);
-        assert_eq!(w.block_tables, h.block_tables);
-        assert_eq!(w.logits_indices, h.logits_indices);
-        assert_eq!(w.temperatures, h.temperatures);
-        assert_eq!(w.top_k, h.top_k);
-        assert_eq!(w.top_p, h.top_p);
-        assert_eq!(w.seeds, h.seeds);
-        assert_eq!(w.steps, h.steps);
-        // A command missing arrays is an error, not a panic.
-        let short = StepCall {
-            kind: Some(StepKind::Decode),
-            arrays: vec![vec![1]; 3],
-            ..Default::default()
-        };
-        assert!(w.take_call(short).is_err());
+        let got = w.take_call(&call).unwrap();
+        assert_eq!(got, shape);
+        assert_eq!(w, h);
+        // A command missing arrays, or with a torn array, is an error, not a panic.
+        let mut short = call.clone();
+        short.arrays.truncate(3);
+        assert!(w.take_call(&short).is_err());
+        let mut torn = call;
+        torn.arrays[1] = &torn.arrays[1][..3];
+        assert!(w.take_call(&torn).is_err());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct WorkerGroup {
     region: Arc<ShmRegion>,
     children: Arc<Mutex<Vec<Child>>>,
     health: Arc<Health>,
+    /// The check rank 0's waits run: an error once a worker died.
+    alive: Liveness,
     hooks: Arc<Mutex<Vec<AbortHook>>>,
     stop: Arc<AtomicBool>,
     watchdog: Option<JoinHandle<()>>,
@@ -93,10 +95,13 @@ impl WorkerGroup {
                 }
             }
         }
+        let health = Arc::new(Health::default());
+        let watched = Arc::clone(&health);
         let mut group = WorkerGroup {
             region,
             children: Arc::new(Mutex::new(children)),
-            health: Arc::new(Health::default()),
+            health,
+            alive: Arc::new(move || check_health(&watched)),
             hooks: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
             watchdog: None,
@@ -182,8 +187,7 @@ impl WorkerGroup {
 
     /// The check waits on rank 0 run (a dead worker ends them).
     pub fn liveness(&self) -> Liveness {
-        let health = Arc::clone(&self.health);
-        Arc::new(move || check_health(&health))
+        Arc::clone(&self.alive)
     }
 
     /// Registers `hook`, run once by the watchdog when a worker dies (an NCCL abort, so that
@@ -205,14 +209,13 @@ impl WorkerGroup {
     /// Waits until every worker reports `state` (or a later one); `Failed` or an exit is an
     /// error. Returns each worker's reported value (index 0 is rank 1).
     pub fn wait_for(&self, state: WorkerState) -> Result<Vec<u64>> {
-        let alive = self.liveness();
         let h = self.region.header();
         (1..self.size())
             .map(|r| {
                 wait_until(
                     &h.state[r],
                     |s| s >= state as u32 || s == WorkerState::Failed as u32,
-                    Some(&alive),
+                    Some(&self.alive),
                 )?;
                 if h.state[r].load(Ordering::Acquire) == WorkerState::Failed as u32 {
                     // The process is about to exit; its message says why.
@@ -230,10 +233,9 @@ impl WorkerGroup {
     /// `payload`, and wakes them.
     pub fn send(&mut self, payload: &[u8]) -> Result<()> {
         self.check()?;
-        let alive = self.liveness();
         let h = self.region.header();
         for r in 1..self.size() {
-            wait_until(&h.acked[r], |a| reached(a, self.seq), Some(&alive))?;
+            wait_until(&h.acked[r], |a| reached(a, self.seq), Some(&self.alive))?;
         }
         self.region.write_call(payload)?;
         self.seq = self.seq.wrapping_add(1);
@@ -385,11 +387,11 @@ pub fn default_worker_exe() -> Result<PathBuf> {
         .map_err(|e| Error::Worker(format!("cannot find this executable to start workers: {e}")))
 }
 
-/// What rank 0 asks its workers to run.
+/// What rank 0 asks its workers to run. A decoded call borrows its arrays from the payload.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Call {
+pub enum Call<'a> {
     /// One model-runner step (or a score pass) over inputs rank 0 already prepared.
-    Step(StepCall),
+    Step(StepCall<'a>),
     /// Leave the command loop and exit.
     Exit,
 }
@@ -408,62 +410,61 @@ pub enum StepKind {
 }
 
 /// A step and the host-side inputs rank 0 prepared for it, which every rank uploads to its
-/// own device. Arrays in the order of [`StepCall::ARRAYS`].
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct StepCall {
+/// own device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCall<'a> {
     /// Which call.
-    pub kind: Option<StepKind>,
+    pub kind: StepKind,
     /// Tokens, sequences, longest query, longest key, logits rows.
     pub shape: [u64; 5],
-    /// 32-bit arrays: input_ids, positions, slot_mapping, cu_seqlens_q, cu_seqlens_k,
-    /// context_lens, block_tables, logits_indices, temperatures (bits), top_k, top_p (bits),
-    /// steps.
-    pub arrays: Vec<Vec<u32>>,
-    /// Per-sequence seeds.
-    pub seeds: Vec<u64>,
-}
-
-impl StepCall {
-    /// Number of 32-bit arrays a step carries.
-    pub const ARRAYS: usize = 12;
+    /// The input arrays as plain (native-endian) bytes, in the order the model runner lists
+    /// them; the runner knows each one's element type.
+    pub arrays: Vec<&'a [u8]>,
 }
 
 const TAG_STEP: u8 = 1;
 const TAG_EXIT: u8 = 2;
 
-impl Call {
-    /// Plain bytes: a tag, then for a step its kind, shape, and each array as a length and
-    /// little-endian elements.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+impl Call<'_> {
+    /// Plain bytes: a tag, then for a step its kind, shape, and each array as a byte length
+    /// and the bytes. Written into `out` (cleared first), so a caller can reuse one buffer.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
         match self {
             Call::Exit => out.push(TAG_EXIT),
             Call::Step(s) => {
                 out.push(TAG_STEP);
                 let (kind, bs) = match s.kind {
-                    Some(StepKind::Prefill) => (0u8, 0u64),
-                    Some(StepKind::Decode) => (1, 0),
-                    Some(StepKind::DecodeGraph(bs)) => (2, bs as u64),
-                    Some(StepKind::Score) | None => (3, 0),
+                    StepKind::Prefill => (0u8, 0u64),
+                    StepKind::Decode => (1, 0),
+                    StepKind::DecodeGraph(bs) => (2, bs as u64),
+                    StepKind::Score => (3, 0),
                 };
                 out.push(kind);
                 out.extend_from_slice(&bs.to_le_bytes());
                 for v in s.shape {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
+                out.extend_from_slice(&(s.arrays.len() as u64).to_le_bytes());
                 for a in &s.arrays {
                     out.extend_from_slice(&(a.len() as u64).to_le_bytes());
-                    out.extend_from_slice(bytemuck::cast_slice(a));
+                    out.extend_from_slice(a);
                 }
-                out.extend_from_slice(&(s.seeds.len() as u64).to_le_bytes());
-                out.extend_from_slice(bytemuck::cast_slice(&s.seeds));
             }
         }
-        out
     }
 
-    /// Reads what [`Call::encode`] wrote; anything else is an error.
-    pub fn decode(bytes: &[u8]) -> Result<Call> {
+    /// [`Call::encode_into`] a new buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+}
+
+impl<'a> Call<'a> {
+    /// Reads what [`Call::encode_into`] wrote; anything else is an error.
+    pub fn decode(bytes: &'a [u8]) -> Result<Call<'a>> {
         let mut r = Reader { bytes, at: 0 };
         match r.take(1)?[0] {
             TAG_EXIT => Ok(Call::Exit),
@@ -481,29 +482,22 @@ impl Call {
                 for v in &mut shape {
                     *v = r.u64()?;
                 }
-                let mut arrays = Vec::with_capacity(StepCall::ARRAYS);
-                for _ in 0..StepCall::ARRAYS {
-                    let n = r.u64()? as usize;
-                    let raw = r.take(n.checked_mul(4).ok_or_else(|| bad_len(n))?)?;
-                    arrays.push(bytemuck::pod_collect_to_vec(raw));
-                }
                 let n = r.u64()? as usize;
-                let raw = r.take(n.checked_mul(8).ok_or_else(|| bad_len(n))?)?;
-                let seeds = bytemuck::pod_collect_to_vec(raw);
+                let arrays = (0..n)
+                    .map(|_| {
+                        let len = r.u64()? as usize;
+                        r.take(len)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(Call::Step(StepCall {
-                    kind: Some(kind),
+                    kind,
                     shape,
                     arrays,
-                    seeds,
                 }))
             }
             t => Err(Error::Worker(format!("unknown command tag {t}"))),
         }
     }
-}
-
-fn bad_len(n: usize) -> Error {
-    Error::Worker(format!("command array of {n} elements is too long"))
 }
 
 struct Reader<'a> {
@@ -538,13 +532,14 @@ mod tests {
 
     #[test]
     fn calls_round_trip_and_garbage_is_an_error() {
+        let owned: Vec<Vec<u32>> = (0..12u32).map(|i| vec![i; i as usize]).collect();
+        let seeds = [u64::MAX, 7];
+        let mut arrays: Vec<&[u8]> = owned.iter().map(|a| bytemuck::cast_slice(a)).collect();
+        arrays.push(bytemuck::cast_slice(&seeds));
         let step = Call::Step(StepCall {
-            kind: Some(StepKind::DecodeGraph(48)),
+            kind: StepKind::DecodeGraph(48),
             shape: [3, 3, 1, 700, 3],
-            arrays: (0..StepCall::ARRAYS as u32)
-                .map(|i| vec![i; i as usize])
-                .collect(),
-            seeds: vec![u64::MAX, 7],
+            arrays,
         });
         let bytes = step.encode();
         assert_eq!(Call::decode(&bytes).unwrap(), step);

@@ -38,7 +38,8 @@ pub enum Device {
 }
 
 /// How weights are loaded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightsFormat {
     /// Safetensors from the model folder; dummy weights for a built-in model name.
     #[default]

@@ -30,31 +30,13 @@ use crate::llm::{resolve_model, BuiltRunner, ModelSource, WeightsFormat};
 #[derive(Serialize, Deserialize)]
 struct WorkerInit {
     model: String,
-    /// "auto", "safetensors" or "dummy".
-    load_format: String,
+    load_format: WeightsFormat,
     dummy_seed: u64,
     config: EngineConfig,
     /// GPU ordinal of rank 0 (rank r uses `cuda_base + r`); `None` on the CPU backend.
     cuda_base: Option<usize>,
     /// NCCL unique id from rank 0 (GPU only).
     nccl_id: Vec<u8>,
-}
-
-fn format_name(f: WeightsFormat) -> &'static str {
-    match f {
-        WeightsFormat::Auto => "auto",
-        WeightsFormat::Safetensors => "safetensors",
-        WeightsFormat::Dummy => "dummy",
-    }
-}
-
-fn format_from(name: &str) -> Result<WeightsFormat> {
-    match name {
-        "auto" => Ok(WeightsFormat::Auto),
-        "safetensors" => Ok(WeightsFormat::Safetensors),
-        "dummy" => Ok(WeightsFormat::Dummy),
-        other => Err(Error::Worker(format!("unknown load format {other:?}"))),
-    }
 }
 
 fn load_format(src: &ModelSource, seed: u64) -> LoadFormat {
@@ -103,7 +85,7 @@ pub(crate) fn build_tp_runner(
     let init = |nccl_id: Vec<u8>| -> Result<Vec<u8>> {
         serde_json::to_vec(&WorkerInit {
             model: model.to_string(),
-            load_format: format_name(format).into(),
+            load_format: format,
             dummy_seed,
             config: config.clone(),
             cuda_base,
@@ -240,7 +222,7 @@ pub fn run_worker(shm: &Path, rank: usize) -> Result<()> {
 fn serve_worker(ep: &mut WorkerEndpoint) -> Result<()> {
     let init: WorkerInit = serde_json::from_slice(&ep.recv()?)
         .map_err(|e| Error::Worker(format!("bad start-up message: {e}")))?;
-    let src = resolve_model(&init.model, format_from(&init.load_format)?)?;
+    let src = resolve_model(&init.model, init.load_format)?;
     let lf = load_format(&src, init.dummy_seed);
     let rank = ep.rank();
     match init.cuda_base {
