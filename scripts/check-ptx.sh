@@ -10,16 +10,8 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-is_13_0() { [ -n "$1" ] && [ -x "$1" ] && "$1" --version 2>/dev/null | grep -q 'release 13\.0'; }
-nvcc="${NVCC:-}"
-is_13_0 "$nvcc" || nvcc=$(ls .venv-nvcc/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n 1 || true)
-if ! is_13_0 "$nvcc"; then
-    echo "check-ptx: installing nvcc 13.0 into a throwaway venv" >&2
-    python3 -m venv "$tmp/venv"
-    "$tmp/venv/bin/pip" install -q 'nvidia-cuda-nvcc==13.0.*' 'nvidia-cuda-crt==13.0.*' \
-        'nvidia-cuda-runtime==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-cccl==13.0.*'
-    nvcc=$(ls "$tmp"/venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -n 1)
-fi
+# shellcheck source=scripts/nvcc-13.sh
+. scripts/nvcc-13.sh "$tmp" check-ptx
 
 NVCC="$nvcc" scripts/build-ptx.sh "$tmp/ptx" 2>/dev/null
 

@@ -17,6 +17,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
 
 extern "C" __global__ void silu_and_mul(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                                         int n, int inter) {
+    pdl_begin();
     for (int row = blockIdx.y; row < n; row += gridDim.y) {
         const bf16* g = gate_up + (size_t)row * 2 * inter;
         const bf16* u = g + inter;

@@ -10,6 +10,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 // ---------------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ __device__ __forceinline__ void decode_body(
         float scale_log2, int max_context_len, int tokens_per_split, int num_splits,          \
         __nv_bfloat16* __restrict__ out, float* __restrict__ part_ml,                        \
         float* __restrict__ part_o) {                                                        \
+        pdl_begin();                                                                         \
         decode_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens, block_tables,    \
                            max_blocks_per_seq, num_kv_heads, num_blocks, log2_bs, scale_log2, \
                            max_context_len, tokens_per_split, num_splits, out, part_ml,      \
@@ -302,11 +305,13 @@ DECODE_KERNEL(128, 8)
 // Combines the splits of one (sequence, head): grid (num_heads, num_seqs), head_dim threads.
 // Split i holds tokens [i * tokens_per_split, (i + 1) * tokens_per_split); only the splits that
 // hold some of the sequence's context_lens[seq] tokens were written.
+// No __restrict__ on its inputs: `const __restrict__` loads may become ld.global.nc, which
+// ptxas is free to move above pdl_wait() (scripts/check-pdl.sh checks every kernel).
 extern "C" __global__ void attn_decode_reduce(
-    const float* __restrict__ part_ml, const float* __restrict__ part_o,
-    const int* __restrict__ context_lens, int max_context_len, int tokens_per_split,
+    const float* part_ml, const float* part_o, const int* context_lens, int max_context_len, int tokens_per_split,
     int num_splits, int head_dim, __nv_bfloat16* __restrict__ out)
 {
+    pdl_begin();
     const int h = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
     const int ctx = min(context_lens[seq], max_context_len);
     const int nv = ctx <= 0 ? 0 : min(num_splits, (ctx + tokens_per_split - 1) / tokens_per_split);
@@ -660,6 +665,7 @@ __device__ __forceinline__ void prefill_body(
         const int* __restrict__ block_tables, int max_blocks_per_seq, int num_kv_heads,      \
         int num_blocks, int max_seqlen_k, int log2_bs, float scale_log2,                     \
         __nv_bfloat16* __restrict__ out) {                                                   \
+        pdl_begin();                                                                         \
         prefill_body<HD>(qkv, qkv_stride, q_rows, k_cache, v_cache, cu_seqlens_q,            \
                          cu_seqlens_k, block_tables, max_blocks_per_seq, num_kv_heads,       \
                          num_blocks, max_seqlen_k, log2_bs, scale_log2, out);                \

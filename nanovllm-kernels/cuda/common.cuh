@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 typedef __nv_bfloat16 bf16;
 
 // The low half of a 32-bit word is the element with the lower address.

@@ -24,6 +24,7 @@ __device__ __forceinline__ void copy_row(const bf16* __restrict__ src, bf16* __r
 extern "C" __global__ void embedding(const unsigned int* __restrict__ ids,
                                      const bf16* __restrict__ weight, unsigned int vocab_start,
                                      unsigned int vocab_rows, int hidden, bf16* __restrict__ out) {
+    pdl_begin();
     const unsigned int id = ids[blockIdx.x];
     // `id - vocab_start` wraps for ids below the shard, so one comparison covers both ends.
     const unsigned int local = id - vocab_start;
@@ -34,6 +35,7 @@ extern "C" __global__ void embedding(const unsigned int* __restrict__ ids,
 extern "C" __global__ void gather_rows(const bf16* __restrict__ x, long long x_rows,
                                        const int* __restrict__ indices, int width,
                                        bf16* __restrict__ out) {
+    pdl_begin();
     const int idx = indices[blockIdx.x];
     const bf16* src = (idx >= 0 && idx < x_rows) ? x + (size_t)idx * width : nullptr;
     copy_row(src, out + (size_t)blockIdx.x * width, width);

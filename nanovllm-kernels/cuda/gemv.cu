@@ -21,7 +21,10 @@
 // (g, t) is exactly its 16-byte w vector (step 0: .x .y; step 1: .z .w) and its A fragment is
 // the 16-byte vectors x[g][32 kt + 8t ..] and x[g + 8][...] (rows >= M read as zero). So
 // every operand comes straight from one 16-byte load, no shuffles and no shared memory.
-// x is small and read by every CTA: it goes through L1 (ld.global.nc); w bypasses L1.
+// x is small and read by every CTA: it goes through L1 (a coherent load, since it is the
+// previous kernel's output; see pdl.cuh); w bypasses L1. The first batch of w is requested
+// before the kernel waits for its predecessor, so that its DRAM latency overlaps the
+// predecessor's end under programmatic dependent launch (src/cuda/launch.rs).
 //
 // Reduction: each warp writes its 16 x 8 accumulator tile(s) to shared memory in fragment
 // order; after one barrier the CTA's threads sum the warps' tiles in a fixed order (so the
@@ -45,10 +48,12 @@ constexpr int KT = 32;           // k per tile: 4 lanes x 8 elements
 constexpr int RED_FLOAT4 = 1024; // shared-memory reduction buffer: 16 KB
 
 // 16 bytes of w: read once, so not kept in L1; the L2 fetches 256-byte blocks, which the
-// warp's next loads along the row use.
+// warp's next loads along the row use. A coherent load (not ld.global.nc): ptxas keeps coherent
+// loads on their side of pdl_wait(), so the first batch of w really is requested before the
+// wait (it moves .nc loads across it freely, see pdl.cuh).
 __device__ __forceinline__ uint4 ld_weight(const bf16* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
@@ -57,7 +62,7 @@ __device__ __forceinline__ uint4 ld_weight(const bf16* p) {
 // 16 bytes of x: shared by every CTA, cached in L1.
 __device__ __forceinline__ uint4 ld_act(const bf16* p) {
     uint4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
@@ -95,6 +100,7 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
     const bf16* wrow = w + (size_t)min(n0 + g, N - 1) * K + 8 * t;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     const uint32_t never = (uint32_t)(M >> 31);  // 0 for every valid M (>= 1)
+    pdl_launch_dependents();
 
     float acc[MT][4];
 #pragma unroll
@@ -111,6 +117,10 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
             in[u] = kt0 + u < kt_end && (kt0 + u) * KT + 8 * t < K;
             wv[u] = in[u] ? ld_weight(wrow + (size_t)(kt0 + u) * KT) : zero;
         }
+        // No kernel writes w, so the first batch of it is requested before waiting for the
+        // previous kernel (programmatic dependent launch): its DRAM latency overlaps that
+        // kernel's end. x, the previous kernel's output, is read only after the wait.
+        if (kt0 == kt_begin) pdl_wait();
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = (kt0 + u) * KT + 8 * t;
@@ -144,6 +154,7 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
         }
     }
 
+    pdl_wait();  // warps without k tiles wait here, before `out` is written
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
         red[(warp * MT + mt) * 32 + lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
@@ -192,6 +203,7 @@ extern "C" __global__ void __launch_bounds__(512) gemv_m32(const bf16* __restric
 // XOR of everything read equals `never` (which the caller picks so that it does not happen in
 // practice; the buffer is scratch either way), so the loads cannot be optimised away.
 extern "C" __global__ void l2_flush(uint4* buf, unsigned long long n16, unsigned int never) {
+    pdl_begin();
     uint32_t acc = 0;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n16;

@@ -12,6 +12,7 @@ extern "C" __global__ void store_kvcache(const bf16* __restrict__ qkv, int qkv_w
                                          int kv_width, const int* __restrict__ slot_mapping,
                                          bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                          long long num_slots) {
+    pdl_begin();
     const int slot = slot_mapping[blockIdx.x];
     if (slot < 0 || slot >= num_slots) return;
     const bf16* k = qkv + (size_t)blockIdx.x * qkv_width + k_offset;

@@ -44,6 +44,7 @@ __device__ __forceinline__ bool vector_path(int hidden) {
 
 extern "C" __global__ void rms_norm(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                     bf16* __restrict__ out, int hidden, float eps) {
+    pdl_begin();
     __shared__ float scratch[32];
     const bf16* xr = x + (size_t)blockIdx.x * hidden;
     bf16* orow = out + (size_t)blockIdx.x * hidden;
@@ -82,6 +83,7 @@ extern "C" __global__ void rms_norm(const bf16* __restrict__ x, const bf16* __re
 // residual = bf16(x + residual); x = rms_norm(residual), both in place.
 extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__ residual,
                                         const bf16* __restrict__ w, int hidden, float eps) {
+    pdl_begin();
     __shared__ float scratch[32];
     bf16* xr = x + (size_t)blockIdx.x * hidden;
     bf16* rr = residual + (size_t)blockIdx.x * hidden;

@@ -88,6 +88,7 @@ extern "C" __global__ void qk_norm_rope(bf16* __restrict__ qkv, int n, int qkv_w
                                         const bf16* __restrict__ k_norm, float eps,
                                         const int* __restrict__ positions,
                                         const float* __restrict__ cos_sin, int max_position) {
+    pdl_begin();
     const int lanes = head_dim >> 3;  // lanes per head: a power of two in 2..32
     const int lane = threadIdx.x & 31;
     const int sub = lane & (lanes - 1);  // lane within the head
@@ -126,6 +127,7 @@ extern "C" __global__ void qk_norm_rope_store(
     const int* __restrict__ positions, const float* __restrict__ cos_sin, int max_position,
     const int* __restrict__ slot_mapping, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
     long long num_slots) {
+    pdl_begin();
     const int lanes = head_dim >> 3;
     const int lane = threadIdx.x & 31;
     const int sub = lane & (lanes - 1);

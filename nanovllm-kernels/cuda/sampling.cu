@@ -729,6 +729,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
            const unsigned long long* __restrict__ seeds, const unsigned int* __restrict__ steps,
            int splits, unsigned int* __restrict__ out, float* __restrict__ part_key,
            unsigned int* __restrict__ part_idx) {
+    pdl_begin();
     __shared__ Smem sm;
     const int row = blockIdx.x / splits, split = blockIdx.x % splits;
     const bf16* r = logits + (size_t)row * vocab;
@@ -778,6 +779,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
 extern "C" __global__ void sample_reduce(const float* __restrict__ part_key,
                                          const unsigned int* __restrict__ part_idx, int rows,
                                          int splits, unsigned int* __restrict__ out) {
+    pdl_begin();
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= rows) return;
     float bk = -INFINITY;

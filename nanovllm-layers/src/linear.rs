@@ -11,7 +11,9 @@
 //!   `num_heads / tp` query heads and `num_kv_heads / tp` key/value heads.
 //! * [`RowParallelLinear`]: rank `r` holds input columns `r * in/tp .. (r + 1) * in/tp` (a
 //!   narrow along dim 1), multiplies the matching slice of the activations, and the partial
-//!   products are summed across ranks by an all-reduce.
+//!   products are summed across ranks by an all-reduce: in `forward`, or left to the caller
+//!   with `forward_partial` when the next op can take the all-reduce into itself (the decoder's
+//!   residual add + RMSNorm: `RMSNorm::reduce_add_forward`).
 //!
 //! Qwen3 has no biases, so none of these carry one. Each layer's `load` reads only its rank's
 //! shard of the checkpoint tensor(s) and uploads it once; `forward` is one GEMM on the hot path
@@ -408,6 +410,26 @@ impl<B: Backend> RowParallelLinear<B> {
         n: usize,
         out: &mut B::Buf<bf16>,
     ) -> Result<()> {
+        self.forward_partial(be, x, n, out)?;
+        if self.comm.size() > 1 {
+            self.comm.all_reduce_sum(be, out, n * self.output_size)?;
+        }
+        Ok(())
+    }
+
+    /// This rank's term of [`Self::forward`] without the all-reduce:
+    /// `out[n, output_size] = x_r[n, input_size / tp] . W_r^T`. With more than one rank `out`
+    /// is a partial sum, and the caller must sum it over the ranks itself, every rank in the
+    /// same order of collectives: the decoder layers hand it to
+    /// [`crate::layernorm::RMSNorm::reduce_add_forward`], which fuses the all-reduce with the
+    /// residual add + RMSNorm that follows. With one rank it is the whole product.
+    pub fn forward_partial(
+        &self,
+        be: &B,
+        x: &B::Buf<bf16>,
+        n: usize,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<()> {
         matmul(
             be,
             x,
@@ -416,11 +438,7 @@ impl<B: Backend> RowParallelLinear<B> {
             self.output_size,
             self.input_size_per_partition,
             out,
-        )?;
-        if self.comm.size() > 1 {
-            self.comm.all_reduce_sum(be, out, n * self.output_size)?;
-        }
-        Ok(())
+        )
     }
 
     /// Input features this rank multiplies.
@@ -618,6 +636,14 @@ mod tests {
             let mut y = be.zeros::<bf16>(n * hidden).unwrap();
             dp.forward(&be, &CpuBuf::from_vec(act.clone()), n, &mut y)
                 .unwrap();
+            // Without the all-reduce: this rank's term, which the caller reduces itself.
+            let mut part = be.zeros::<bf16>(n * hidden).unwrap();
+            dp.forward_partial(&be, &CpuBuf::from_vec(act.clone()), n, &mut part)
+                .unwrap();
+            let want_part = matmul_ref(&act, dp.weight().as_slice(), n, hidden, half);
+            assert_close(part.as_slice(), &want_part, "row-parallel partial product");
+            comm.all_reduce_sum(&be, &mut part, n * hidden).unwrap();
+            assert_eq!(part.as_slice(), y.as_slice());
             (gu_out.into_vec(), act, y.into_vec())
         });
 

@@ -1,6 +1,9 @@
 //! Tensor-parallel communication as the layers see it: the rank, the group size, and the two
 //! collectives nano-vLLM's layers use (all-reduce after a row-parallel linear or the
-//! vocab-parallel embedding; gather of the LM head's vocab slices to rank 0).
+//! vocab-parallel embedding; gather of the LM head's vocab slices to rank 0), plus the
+//! all-reduce fused with the residual add + RMSNorm that follows a row-parallel linear in every
+//! decoder layer ([`TpComm::all_reduce_add_rms_norm`]: by default the two ops in a row; NCCL's
+//! group runs both in one kernel where it can).
 //!
 //! Layers hold an `Arc<dyn TpComm<B>>` and only call a collective when `size() > 1`, so a
 //! single-GPU run pays nothing. [`SingleRank`] is the group of one; [`ThreadComm`] is a group
@@ -25,6 +28,36 @@ pub trait TpComm<B: Backend>: Send + Sync {
     /// In place, over the first `len` elements of `buf`: every rank ends with the element-wise
     /// sum of all ranks' buffers.
     fn all_reduce_sum(&self, be: &B, buf: &mut B::Buf<bf16>, len: usize) -> Result<()>;
+    /// The all-reduce of `x[..n * hidden]` (this rank's partial sums) followed by the residual
+    /// add + RMSNorm of [`Backend::add_rms_norm`], in place: every rank ends with
+    /// `residual = bf16(sum + residual)` and `x = rms_norm(residual) * weight`, where `sum` is
+    /// what [`TpComm::all_reduce_sum`] gives. With one rank, the all-reduce is skipped (as the
+    /// layers skip it) and this is `add_rms_norm` alone.
+    ///
+    /// The default runs the two ops in a row; an implementation may fuse them but must give
+    /// the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn all_reduce_add_rms_norm(
+        &self,
+        be: &B,
+        x: &mut B::Buf<bf16>,
+        residual: &mut B::Buf<bf16>,
+        weight: &B::Buf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if self.size() > 1 {
+            let len = n.checked_mul(hidden).ok_or_else(|| {
+                Error::Other(format!(
+                    "TpComm::all_reduce_add_rms_norm: {n} x {hidden} elements is larger than \
+                     memory"
+                ))
+            })?;
+            self.all_reduce_sum(be, x, len)?;
+        }
+        be.add_rms_norm(x, residual, weight, n, hidden, eps)
+    }
     /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
     /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
     /// elements land at `full[r * stride..r * stride + len]` (`len <= stride`). With a fixed
@@ -292,6 +325,21 @@ mod nccl {
             len: usize,
         ) -> Result<()> {
             NcclComm::all_reduce_sum(self, buf, len)
+        }
+
+        /// One kernel (the one-shot all-reduce fused with the norm) where NCCL's group has
+        /// the one-shot path and the message fits it; the unfused sequence otherwise.
+        fn all_reduce_add_rms_norm(
+            &self,
+            be: &CudaBackend,
+            x: &mut CudaBuf<bf16>,
+            residual: &mut CudaBuf<bf16>,
+            weight: &CudaBuf<bf16>,
+            n: usize,
+            hidden: usize,
+            eps: f32,
+        ) -> Result<()> {
+            NcclComm::all_reduce_add_rms_norm(self, be, x, residual, weight, n, hidden, eps)
         }
 
         fn gather_rank0(

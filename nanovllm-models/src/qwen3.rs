@@ -18,6 +18,11 @@
 //! x = post_attention_layernorm(x + residual)   residual = x + residual
 //! x = down_proj(silu(gate) * up)               [gate, up] = gate_up_proj(x)
 //! ```
+//! With tensor parallelism `o_proj` and `down_proj` give each rank a partial sum, and the
+//! all-reduce that sums them is taken into the norm that follows (the next layer's
+//! `input_layernorm`, or the final norm after the last layer): `RMSNorm::reduce_add_forward`,
+//! one kernel on GPUs where the one-shot all-reduce applies, with the same result as the
+//! all-reduce followed by the norm. With one rank it is the plain norm.
 
 use std::sync::Arc;
 
@@ -247,8 +252,9 @@ impl<B: Backend> Qwen3Attention<B> {
             .load(be, src, &format!("{prefix}.k_norm.weight"))
     }
 
-    /// `hidden` (normalised input) -> `hidden` (attention block output); keys and values go
-    /// to layer `layer` of `kv`.
+    /// `hidden` (normalised input) -> `hidden` (this rank's partial sum of the attention block
+    /// output: the all-reduce is left to the norm that follows); keys and values go to layer
+    /// `layer` of `kv`.
     fn forward(
         &self,
         be: &B,
@@ -273,7 +279,8 @@ impl<B: Backend> Qwen3Attention<B> {
             kv.block_size,
             &mut ws.attn_out,
         )?;
-        self.o_proj.forward(be, &ws.attn_out, n, &mut ws.hidden)
+        self.o_proj
+            .forward_partial(be, &ws.attn_out, n, &mut ws.hidden)
     }
 }
 
@@ -307,13 +314,15 @@ impl<B: Backend> Qwen3MLP<B> {
             .load(be, src, &format!("{prefix}.down_proj.weight"))
     }
 
-    /// `hidden` (normalised input) -> `hidden` (MLP output).
+    /// `hidden` (normalised input) -> `hidden` (this rank's partial sum of the MLP output: the
+    /// all-reduce is left to the norm that follows).
     fn forward(&self, be: &B, n: usize, ws: &mut Workspace<B>) -> Result<()> {
         self.gate_up_proj
             .forward(be, &ws.hidden, n, &mut ws.gate_up)?;
         self.act_fn
             .forward(be, &ws.gate_up, n, self.inter_per_rank, &mut ws.act)?;
-        self.down_proj.forward(be, &ws.act, n, &mut ws.hidden)
+        self.down_proj
+            .forward_partial(be, &ws.act, n, &mut ws.hidden)
     }
 }
 
@@ -349,11 +358,14 @@ impl<B: Backend> Qwen3DecoderLayer<B> {
     }
 
     /// Layer `layer` of the model. The first layer normalises the embeddings (already in
-    /// `residual`); the others add the previous layer's output (in `hidden`) to the residual
-    /// stream first.
+    /// `residual`, all-reduced by the embedding); the others sum the previous layer's output
+    /// (in `hidden`, this rank's partial sum) over the ranks of `comm` and add it to the
+    /// residual stream first. Leaves this rank's partial sum of the layer's output in `hidden`.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         be: &B,
+        comm: &dyn TpComm<B>,
         rope: &RotaryEmbedding<B>,
         ctx: &Context<'_, B>,
         ws: &mut Workspace<B>,
@@ -365,12 +377,22 @@ impl<B: Backend> Qwen3DecoderLayer<B> {
             self.input_layernorm
                 .forward(be, &ws.residual, n, &mut ws.hidden)?;
         } else {
-            self.input_layernorm
-                .add_forward(be, &mut ws.hidden, &mut ws.residual, n)?;
+            self.input_layernorm.reduce_add_forward(
+                be,
+                comm,
+                &mut ws.hidden,
+                &mut ws.residual,
+                n,
+            )?;
         }
         self.self_attn.forward(be, rope, ctx, ws, kv, layer)?;
-        self.post_attention_layernorm
-            .add_forward(be, &mut ws.hidden, &mut ws.residual, n)?;
+        self.post_attention_layernorm.reduce_add_forward(
+            be,
+            comm,
+            &mut ws.hidden,
+            &mut ws.residual,
+            n,
+        )?;
         self.mlp.forward(be, n, ws)
     }
 }
@@ -524,13 +546,14 @@ impl<B: Backend> Qwen3ForCausalLM<B> {
         self.embed_tokens
             .forward(be, input_ids, n, &mut ws.residual)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(be, &self.rotary_emb, ctx, ws, kv, i)?;
+            layer.forward(be, &*self.comm, &self.rotary_emb, ctx, ws, kv, i)?;
         }
         if self.layers.is_empty() {
             self.norm.forward(be, &ws.residual, n, &mut ws.hidden)
         } else {
+            // The last layer's partial sums, all-reduced inside the norm.
             self.norm
-                .add_forward(be, &mut ws.hidden, &mut ws.residual, n)
+                .reduce_add_forward(be, &*self.comm, &mut ws.hidden, &mut ws.residual, n)
         }
     }
 

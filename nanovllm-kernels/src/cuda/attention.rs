@@ -16,6 +16,7 @@ use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
+use super::launch::Launch;
 use super::{check_len, driver_err, CudaBackend, CudaBuf};
 use crate::backend::AttnParams;
 
@@ -296,7 +297,7 @@ pub(crate) fn decode_attention(
 
     if splits.num_splits == 1 {
         // The kernel writes `out` directly; the partial pointers are never read.
-        let mut b = stream.launch_builder(&kernel);
+        let mut b = Launch::new(stream, &kernel);
         b.arg(qkv.raw())
             .arg(&qkv_stride)
             .arg(k_cache.raw())
@@ -326,7 +327,7 @@ pub(crate) fn decode_attention(
     let ml_len = 2 * parts;
     let mut scratch = be.scratch_f32(ml_len + parts * attn.head_dim)?;
     let (mut part_ml, mut part_o) = scratch.split_at_mut(ml_len);
-    let mut b = stream.launch_builder(&kernel);
+    let mut b = Launch::new(stream, &kernel);
     b.arg(qkv.raw())
         .arg(&qkv_stride)
         .arg(k_cache.raw())
@@ -355,7 +356,7 @@ pub(crate) fn decode_attention(
         block_dim: (attn.head_dim as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(&reduce);
+    let mut b = Launch::new(stream, &reduce);
     b.arg(&mut part_ml)
         .arg(&mut part_o)
         .arg(context_lens.raw())
@@ -444,7 +445,7 @@ pub(crate) fn prefill_attention(
     let max_k = to_i32(OP, "max_seqlen_k", max_seqlen_k)?;
     let scale_log2 = attn.scale * LOG2_E;
     let stream = be.stream();
-    let mut b = stream.launch_builder(&kernel);
+    let mut b = Launch::new(stream, &kernel);
     b.arg(qkv.raw())
         .arg(&qkv_stride)
         .arg(&q_rows)

@@ -3,6 +3,11 @@
 //! travel through NCCL), and a call is one short kernel instead of NCCL's ring.
 //! [`super::NcclComm`] uses it for messages up to [`CustomAllReduce::capacity`] elements
 //! when every rank could set it up, and NCCL otherwise.
+//!
+//! The same kernel protocol also runs the all-reduce fused with the residual add + RMSNorm that
+//! follows it in a decoder layer ([`CustomAllReduce::all_reduce_add_rms_norm`], kernel
+//! `ar_add_rms_norm`): one launch instead of the all-reduce and `add_rms_norm`, with the same
+//! bits. Both kernels share each lane's buffers, flags and epochs.
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags};
 use std::sync::Arc;
@@ -11,6 +16,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKern
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
+use super::launch::Launch;
 use super::{driver_err, CudaBackend, CudaBuf};
 
 /// Most ranks the kernels handle (`AR_MAX_RANKS` in custom_ar.cu).
@@ -26,8 +32,13 @@ const SMALL_CAPACITY: usize = 64 << 10;
 /// own buffers, flags and counters, so the two never share memory.
 const BLOCKS: u32 = 128;
 const SMALL_BLOCKS: u32 = 8;
-/// Threads per block.
+/// Threads per block of both kernels (`AR_THREADS` in custom_ar.cu).
 const THREADS: u32 = 512;
+/// 16-byte vectors per thread and row of `add_rms_norm` (`AR_VPT` in custom_ar.cu, `VPT` in
+/// norm.cu).
+const NORM_VPT: usize = 4;
+/// Widest rows `ar_add_rms_norm` takes: 8 bf16 times `AR_CHUNK` in custom_ar.cu.
+const MAX_FUSED_HIDDEN: usize = 8 * 2 * THREADS as usize;
 /// Bytes of each lane's flags: one u32 per block and rank.
 const FLAG_BYTES: usize = BLOCKS as usize * MAX_RANKS * 4;
 const SMALL_FLAG_BYTES: usize = SMALL_BLOCKS as usize * MAX_RANKS * 4;
@@ -58,6 +69,8 @@ pub(crate) struct CustomAllReduce {
     rank: usize,
     world: usize,
     kernel: CudaFunction,
+    /// `ar_add_rms_norm`: the all-reduce fused with the residual add + RMSNorm.
+    fused: CudaFunction,
 }
 
 fn cu(what: &str, r: sys::CUresult) -> Result<()> {
@@ -137,9 +150,10 @@ impl CustomAllReduce {
                 alloc(SMALL_BLOCKS as usize)?,
                 alloc(1)?,
                 be.func("custom_ar", "ar_one_shot")?,
+                be.func("custom_ar", "ar_add_rms_norm")?,
             ))
         })();
-        let (ptrs, epochs, small_epochs, stuck, kernel) = parts.map_err(free_local)?;
+        let (ptrs, epochs, small_epochs, stuck, kernel, fused) = parts.map_err(free_local)?;
         let timed_out = host_flag().map_err(free_local)?;
         // From here on `ar` owns `local` and frees it on every path.
         let mut ar = CustomAllReduce {
@@ -154,6 +168,7 @@ impl CustomAllReduce {
             rank,
             world,
             kernel,
+            fused,
         };
         let mut bases = vec![0u64; world];
         for (r, h) in handles.iter().enumerate() {
@@ -206,19 +221,29 @@ impl CustomAllReduce {
         unsafe { std::ptr::read_volatile(self.timed_out.0) != 0 }
     }
 
+    /// The lane a message of `len` elements goes through: (index of its first pointer in
+    /// `ptrs`, elements of each of its data buffers, blocks of its fixed grid, its epochs).
+    fn lane(&self, len: usize) -> (usize, usize, u32, &CudaSlice<u32>) {
+        match len <= SMALL_CAPACITY {
+            true => (
+                2 * self.world,
+                SMALL_CAPACITY,
+                SMALL_BLOCKS,
+                &self.small_epochs,
+            ),
+            false => (0, CAPACITY, BLOCKS, &self.epochs),
+        }
+    }
+
     /// In place over `buf[..len]` (`len <= capacity()`), queued on the backend's stream.
     pub(crate) fn all_reduce(&self, buf: &mut CudaBuf<bf16>, len: usize) -> Result<()> {
         let (rank, world) = (self.rank as i32, self.world as i32);
         let w = self.world;
-        let small = len <= SMALL_CAPACITY;
-        let (lane, cap, blocks, epochs) = match small {
-            true => (2 * w, SMALL_CAPACITY, SMALL_BLOCKS, &self.small_epochs),
-            false => (0, CAPACITY, BLOCKS, &self.epochs),
-        };
+        let (lane, cap, blocks, epochs) = self.lane(len);
         let (cap, n) = (cap as i64, len as i64);
         let bufs = self.ptrs.slice(lane..lane + w);
         let flags = self.ptrs.slice(lane + w..lane + 2 * w);
-        let mut b = self.stream.launch_builder(&self.kernel);
+        let mut b = Launch::new(&self.stream, &self.kernel);
         b.arg(buf.raw_mut())
             .arg(&bufs)
             .arg(&flags)
@@ -241,6 +266,100 @@ impl CustomAllReduce {
         unsafe { b.launch(cfg) }.map_err(|e| driver_err("custom all-reduce", e))?;
         Ok(())
     }
+
+    /// Whether [`Self::all_reduce_add_rms_norm`] takes `n` rows of `hidden`: the message fits
+    /// the capacity and the rows are made of 16-byte vectors and fit the kernel's chunk
+    /// (`hidden % 8 == 0`, `8 <= hidden <= 8192`: every Qwen3 size). Otherwise the caller runs
+    /// the all-reduce and `add_rms_norm` one after the other.
+    pub(crate) fn fuses(&self, n: usize, hidden: usize) -> bool {
+        norm_threads(hidden).is_some() && n.checked_mul(hidden).is_some_and(|l| l <= CAPACITY)
+    }
+
+    /// All-reduce of `x[..n * hidden]` fused with the residual add + RMSNorm after it, in
+    /// place, queued on the backend's stream: `x` (this rank's partial sums) is summed over
+    /// the ranks and rounded to bf16, `residual = bf16(sum + residual)`, then
+    /// `x = rms_norm(residual) * weight`; the same bits as [`Self::all_reduce`] followed by
+    /// `add_rms_norm`. Every rank calls it with the same `n` and `hidden`, which
+    /// [`Self::fuses`] must accept.
+    pub(crate) fn all_reduce_add_rms_norm(
+        &self,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "custom all_reduce_add_rms_norm";
+        let len = n.checked_mul(hidden).ok_or_else(|| {
+            Error::Other(format!(
+                "op {OP}: {n} x {hidden} elements is larger than memory"
+            ))
+        })?;
+        super::check_len(OP, "x", x, len)?;
+        super::check_len(OP, "residual", residual, len)?;
+        super::check_len(OP, "weight", weight, hidden)?;
+        let nt = norm_threads(hidden)
+            .filter(|_| len <= CAPACITY)
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "op {OP}: {n} rows of {hidden} are not fused (hidden % 8 == 0, \
+                     8 <= hidden <= {MAX_FUSED_HIDDEN}, n * hidden <= {CAPACITY} needed)"
+                ))
+            })?;
+        let (rank, world) = (self.rank as i32, self.world as i32);
+        let w = self.world;
+        let (lane, cap, blocks, epochs) = self.lane(len);
+        // All fit an i32: len <= CAPACITY.
+        let (cap, rows, width) = (cap as i64, n as i32, hidden as i32);
+        let bufs = self.ptrs.slice(lane..lane + w);
+        let flags = self.ptrs.slice(lane + w..lane + 2 * w);
+        let mut b = Launch::new(&self.stream, &self.fused);
+        b.arg(x.raw_mut())
+            .arg(residual.raw_mut())
+            .arg(weight.raw())
+            .arg(&bufs)
+            .arg(&flags)
+            .arg(epochs)
+            .arg(&rank)
+            .arg(&world)
+            .arg(&cap)
+            .arg(&rows)
+            .arg(&width)
+            .arg(&nt)
+            .arg(&eps)
+            .arg(&self.stuck)
+            .arg(&self.timed_out.1);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches ar_add_rms_norm. Block b reads and writes rows b, b + blocks, ...
+        // of x and residual (n rows of hidden, checked above; distinct buffers, as &mut
+        // guarantees) and reads hidden weights (checked); it writes n * hidden <= cap elements
+        // of this rank's lane buffer and reads as many of each rank's (each holds cap: the
+        // lane is picked by the same len as in `all_reduce`), one epoch per block (the lane's
+        // counters hold `blocks`) and flags [block][rank] inside the lane's flag area.
+        // `norm_threads` gives the kernel's layout: hidden % 8 == 0, hidden / 8 <= AR_CHUNK and
+        // <= NORM_VPT * nt, nt a multiple of 32 and at most THREADS; the block is THREADS, its
+        // __launch_bounds__.
+        unsafe { b.launch(cfg) }.map_err(|e| driver_err("custom all_reduce_add_rms_norm", e))?;
+        Ok(())
+    }
+}
+
+/// The threads of `add_rms_norm`'s block for rows of `hidden` (`norm_threads` in ops.rs), whose
+/// order of summation `ar_add_rms_norm` repeats to give the same bits, or `None` when such rows
+/// are not fused (`add_rms_norm` would not take its vector path, or the rows are wider than the
+/// fused kernel's chunk).
+fn norm_threads(hidden: usize) -> Option<i32> {
+    if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_FUSED_HIDDEN {
+        return None;
+    }
+    // ops.rs: (hidden / 8).div_ceil(VPT).div_ceil(32).clamp(1, 32) * 32 when
+    // hidden / 8 <= VPT * 1024 (then the kernel takes its vector path).
+    Some((hidden / 8).div_ceil(NORM_VPT).div_ceil(32) as i32 * 32)
 }
 
 impl Drop for CustomAllReduce {
@@ -275,5 +394,33 @@ fn host_flag() -> Result<(*mut u32, CUdeviceptr)> {
             return Err(e);
         }
         Ok((host, dev))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused kernel sums like add_rms_norm's block (ops.rs `norm_threads`), and only
+    /// takes rows of 16-byte vectors that fit its chunk.
+    #[test]
+    fn norm_threads_match_the_norm_kernel() {
+        assert_eq!(norm_threads(1024), Some(32)); // Qwen3-0.6B
+        assert_eq!(norm_threads(2048), Some(64));
+        assert_eq!(norm_threads(2560), Some(96)); // Qwen3-4B
+        assert_eq!(norm_threads(4096), Some(128)); // Qwen3-8B
+        assert_eq!(norm_threads(5120), Some(160)); // Qwen3-14B, 32B
+        assert_eq!(norm_threads(8), Some(32));
+        assert_eq!(norm_threads(8192), Some(256));
+        for hidden in [0, 4, 100, 4100, 8200, 16384] {
+            assert_eq!(norm_threads(hidden), None, "hidden {hidden}");
+        }
+        for hidden in (8..=MAX_FUSED_HIDDEN).step_by(8) {
+            let nt = norm_threads(hidden).unwrap() as usize;
+            // ops.rs's formula, and the kernel's layout.
+            let want = (hidden / 8).div_ceil(NORM_VPT).div_ceil(32).clamp(1, 32) * 32;
+            assert_eq!(nt, want);
+            assert!(hidden / 8 <= NORM_VPT * nt && nt <= THREADS as usize && nt.is_multiple_of(32));
+        }
     }
 }

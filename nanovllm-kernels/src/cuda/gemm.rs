@@ -40,6 +40,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUstreamCaptureStat
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use nanovllm_utils::{Error, Result};
 
+use super::launch::Launch;
 use super::{driver_err, CudaBackend};
 
 /// The workspace cuBLASLt may use per call.
@@ -240,7 +241,7 @@ fn skinny(be: &CudaBackend, x: u64, w: u64, out: u64, m: usize, n: usize, k: usi
         .map_err(|_| Error::Other(format!("op gemm: n = {n} is too many CUDA blocks")))?;
     let dim = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
     let (mi, ni, ki) = (dim(m), dim(n), dim(k));
-    let mut b = be.stream().launch_builder(&func);
+    let mut b = Launch::new(be.stream(), &func);
     b.arg(&x).arg(&w).arg(&out).arg(&mi).arg(&ni).arg(&ki);
     let cfg = LaunchConfig {
         grid_dim: (grid, 1, 1),

@@ -13,6 +13,8 @@
 //! * Everything runs on one non-default stream, so all work is ordered by the stream alone:
 //!   cudarc's per-buffer event tracking is switched off for the backend's context, and the
 //!   stream can be captured into CUDA graphs ([`CudaBackend::capture`]).
+//! * Our kernels are launched with programmatic dependent launch (`launch`, [`pdl_enabled`]):
+//!   each may start while its predecessor finishes, and waits for it before touching memory.
 //! * Ops are asynchronous; only [`Backend::dtoh`] and [`Backend::synchronize`] wait.
 //!
 //! Values inside device buffers (token ids, slots, positions, indices, sampling parameters)
@@ -23,10 +25,12 @@
 mod attention;
 mod custom_ar;
 mod gemm;
+mod launch;
 mod nccl;
 mod ops;
 
 pub use gemm::{GemmPolicy, GemmTuning, SKINNY_LIMIT};
+pub use launch::pdl_enabled;
 pub use nccl::{nccl_unique_id, NcclComm, NCCL_ID_BYTES};
 
 use std::collections::HashMap;

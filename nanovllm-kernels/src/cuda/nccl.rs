@@ -10,7 +10,10 @@
 //!
 //! All-reduces small enough for the one-shot kernel of `custom_ar.cu` (decode steps) go
 //! through it when every rank could map its peers' memory (GPUs of one host with peer
-//! access); `NANOVLLM_CUSTOM_ALLREDUCE=0` keeps everything on NCCL.
+//! access); `NANOVLLM_CUSTOM_ALLREDUCE=0` keeps everything on NCCL. The all-reduce that feeds a
+//! residual add + RMSNorm ([`NcclComm::all_reduce_add_rms_norm`]) runs fused with it in one
+//! kernel of that file when it would take the one-shot path, and as the all-reduce followed by
+//! `add_rms_norm` otherwise; both give the same bits.
 
 use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
@@ -25,6 +28,7 @@ use nanovllm_utils::{Error, Result};
 
 use super::custom_ar::CustomAllReduce;
 use super::{driver_err, CudaBackend, CudaBuf};
+use crate::backend::Backend;
 
 /// Bytes of an NCCL unique id.
 pub const NCCL_ID_BYTES: usize = 128;
@@ -254,6 +258,46 @@ impl NcclComm {
             .map(|_| ())
             .map_err(|e| nccl_err("all_reduce", e))
         })
+    }
+
+    /// The all-reduce of `x[..n * hidden]` (this rank's partial sums, summed over the ranks
+    /// and rounded to bf16 as [`Self::all_reduce_sum`] does) followed by the residual add +
+    /// RMSNorm of [`Backend::add_rms_norm`], in place: `residual = bf16(sum + residual)`,
+    /// `x = rms_norm(residual) * weight`. One kernel when the one-shot all-reduce is active and
+    /// takes the message (decode steps of usual widths: see `CustomAllReduce::fuses`), the two
+    /// ops one after the other otherwise (NCCL for the all-reduce when the message is larger,
+    /// any number of rows); the result is the same either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_reduce_add_rms_norm(
+        &self,
+        be: &CudaBackend,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "nccl all_reduce_add_rms_norm";
+        let len = n.checked_mul(hidden).ok_or_else(|| {
+            Error::Other(format!(
+                "op {OP}: {n} x {hidden} elements is larger than memory"
+            ))
+        })?;
+        // Lengths are checked by whichever path runs: the fused kernel's launcher, or
+        // all_reduce_sum and add_rms_norm.
+        if len > 0 {
+            if let Some(ar) = self.custom.as_ref().filter(|ar| ar.fuses(n, hidden)) {
+                // Refused after an abort, like the NCCL calls.
+                return self.with("all_reduce_add_rms_norm", |_| {
+                    ar.all_reduce_add_rms_norm(x, residual, weight, n, hidden, eps)
+                });
+            }
+        }
+        if self.size > 1 {
+            self.all_reduce_sum(x, len)?;
+        }
+        be.add_rms_norm(x, residual, weight, n, hidden, eps)
     }
 
     /// Gathers `part[..len]` of every rank into rank 0's `full`, rank `r`'s at

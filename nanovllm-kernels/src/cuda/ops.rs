@@ -11,6 +11,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
+use super::launch::Launch;
 use super::{check_len, driver_err, CudaBackend, CudaBuf};
 use crate::backend::{AttnParams, SamplingBufs};
 
@@ -118,7 +119,7 @@ pub(super) fn embedding(
     let rows = u32::try_from(vocab_rows)
         .map_err(|_| Error::Other(format!("op {OP}: vocab_rows {vocab_rows} exceeds u32")))?;
     let h = int(OP, "hidden", hidden)?;
-    let mut b = be.stream().launch_builder(&be.kernels.embedding);
+    let mut b = Launch::new(be.stream(), &be.kernels.embedding);
     b.arg(ids.raw())
         .arg(weight.raw())
         .arg(&start)
@@ -150,7 +151,7 @@ pub(super) fn rms_norm(
         return Ok(());
     }
     let h = int(OP, "hidden", hidden)?;
-    let mut b = be.stream().launch_builder(&be.kernels.rms_norm);
+    let mut b = Launch::new(be.stream(), &be.kernels.rms_norm);
     b.arg(x.raw())
         .arg(weight.raw())
         .arg(out.raw_mut())
@@ -180,7 +181,7 @@ pub(super) fn add_rms_norm(
         return Ok(());
     }
     let h = int(OP, "hidden", hidden)?;
-    let mut b = be.stream().launch_builder(&be.kernels.add_rms_norm);
+    let mut b = Launch::new(be.stream(), &be.kernels.add_rms_norm);
     b.arg(x.raw_mut())
         .arg(residual.raw_mut())
         .arg(weight.raw())
@@ -271,7 +272,7 @@ pub(super) fn qk_norm_rope(
     }
     let tasks = numel(OP, "heads", n, attn.num_heads + attn.num_kv_heads)?;
     let blocks = rope_blocks(OP, tasks, attn.head_dim)?;
-    let mut b = be.stream().launch_builder(&be.kernels.qk_norm_rope);
+    let mut b = Launch::new(be.stream(), &be.kernels.qk_norm_rope);
     b.arg(qkv.raw_mut())
         .arg(&a.n)
         .arg(&a.qkv_width)
@@ -332,7 +333,7 @@ pub(super) fn qk_norm_rope_store(
     }
     let tasks = numel(OP, "heads", n, attn.num_heads + 2 * attn.num_kv_heads)?;
     let blocks = rope_blocks(OP, tasks, attn.head_dim)?;
-    let mut b = be.stream().launch_builder(&be.kernels.qk_norm_rope_store);
+    let mut b = Launch::new(be.stream(), &be.kernels.qk_norm_rope_store);
     b.arg(qkv.raw_mut())
         .arg(&a.n)
         .arg(&a.qkv_width)
@@ -380,7 +381,7 @@ pub(super) fn store_kvcache(
         int(OP, "k offset", attn.num_heads * attn.head_dim)?,
         int(OP, "kv width", kv_width)?,
     );
-    let mut b = be.stream().launch_builder(&be.kernels.store_kvcache);
+    let mut b = Launch::new(be.stream(), &be.kernels.store_kvcache);
     b.arg(qkv.raw())
         .arg(&w_i)
         .arg(&koff)
@@ -416,7 +417,7 @@ pub(super) fn silu_and_mul(
         (256u32, inter.div_ceil(256).min(1024))
     };
     let (n_i, inter_i) = (int(OP, "n", n)?, int(OP, "inter", inter)?);
-    let mut b = be.stream().launch_builder(&be.kernels.silu_and_mul);
+    let mut b = Launch::new(be.stream(), &be.kernels.silu_and_mul);
     b.arg(gate_up.raw())
         .arg(out.raw_mut())
         .arg(&n_i)
@@ -452,7 +453,7 @@ pub(super) fn gather_rows(
     }
     let x_rows = (x.len() / width) as i64;
     let w_i = int(OP, "width", width)?;
-    let mut b = be.stream().launch_builder(&be.kernels.gather_rows);
+    let mut b = Launch::new(be.stream(), &be.kernels.gather_rows);
     b.arg(x.raw())
         .arg(&x_rows)
         .arg(indices.raw())
@@ -505,7 +506,7 @@ pub(super) fn sample(
     let splits_i = int(OP, "splits", splits)?;
     let mut parts = be.sample_parts(blocks)?;
     let parts = &mut *parts;
-    let mut b = be.stream().launch_builder(&be.kernels.sample);
+    let mut b = Launch::new(be.stream(), &be.kernels.sample);
     b.arg(logits.raw())
         .arg(&vocab_i)
         .arg(params.temperatures.raw())
@@ -525,7 +526,7 @@ pub(super) fn sample(
         .map_err(launch_err(OP))?;
     if splits > 1 {
         let rows_i = int(OP, "rows", rows)?;
-        let mut r = be.stream().launch_builder(&be.kernels.sample_reduce);
+        let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
         r.arg(&parts.key)
             .arg(&parts.idx)
             .arg(&rows_i)
