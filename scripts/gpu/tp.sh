@@ -10,6 +10,8 @@
 #           Qwen3-0.6B and Qwen3-8B
 #   steps   decode step time of dummy Qwen3-8B at batch 1, 16 and 256 (fixed lengths: 512-token
 #           prompts, 128 new tokens) at tp 1, tp 2 and tp 2 on NCCL alone: where tp 2 loses
+#   ar      gpu/bin/ar_bench: the collectives alone, per call, at decode sizes (one-shot and
+#           fused kernels, then NCCL alone), with and without programmatic dependent launch
 #   fail    a worker killed mid-run ends rank 0 with an error within 10 s; --tp 4 on two GPUs
 #           is refused before any weight is loaded; `generate --tp 2` works
 # Pick parts with TP_PARTS (default: all); narrow them with TP_EQUAL_MODELS, TP_BENCH_MODELS,
@@ -19,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/nanovllm-tp}"
 bin=gpu/bin/nanovllm
-parts="${TP_PARTS:-equal hf bench steps fail}"
+parts="${TP_PARTS:-equal hf bench steps ar fail}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -135,6 +137,18 @@ if has steps; then
             fi
         done
         summary+=("$line")
+    done
+fi
+
+if has ar; then
+    for setting in "" "NANOVLLM_PDL=0" "NANOVLLM_CUSTOM_ALLREDUCE=0"; do
+        tag="${setting:-default}"
+        if env $setting timeout 120 gpu/bin/ar_bench >"$out/ar-$tag.log" 2>&1; then
+            summary+=("ar_bench ${setting:-(one-shot, PDL)}:")
+            while IFS= read -r line; do summary+=("  $line"); done < <(tail -n +2 "$out/ar-$tag.log")
+        else
+            status=1; summary+=("ar_bench $tag: FAIL"); tail -5 "$out/ar-$tag.log"
+        fi
     done
 fi
 
