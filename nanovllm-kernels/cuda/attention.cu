@@ -43,6 +43,59 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Number of splits of a sequence of `ctx` tokens that hold some of them.
+__device__ __forceinline__ int splits_with_tokens(int ctx, int tokens_per_split, int num_splits) {
+    return ctx <= 0 ? 0 : min(num_splits, (ctx + tokens_per_split - 1) / tokens_per_split);
+}
+
+// Output element d of one (sequence, head) from its nv split partials (normalised output, and
+// max and sum of the scores in log2 units) starting at entry `base`. Shared by
+// attn_decode_reduce and the in-kernel reduce of the last split (same order, same bits). The
+// partials are read through L2 (__ldcg): other CTAs of the same kernel may have written them.
+__device__ __forceinline__ float combine_splits(const float* part_ml, const float* part_o, size_t base,
+                                                int nv, int head_dim, int d) {
+    float mx = NEG_INF;
+    for (int i = 0; i < nv; ++i) mx = fmaxf(mx, __ldcg(part_ml + 2 * (base + i)));
+    const float mu = (mx == NEG_INF) ? 0.f : mx;
+    float sum = 0.f, o = 0.f;
+    for (int i = 0; i < nv; ++i) {
+        const float w = __ldcg(part_ml + 2 * (base + i) + 1) * exp2f(__ldcg(part_ml + 2 * (base + i)) - mu);
+        sum += w;
+        o += w * __ldcg(part_o + (base + i) * head_dim + d);
+    }
+    return sum > 0.f ? o / sum : 0.f;
+}
+
+// With `counters` (one u32 per (sequence, kv head), zero between launches): every split CTA of
+// a (sequence, kv head) arrives here once it has written its partials (or found no tokens); the
+// last to arrive combines the splits for the G heads of the group, as attn_decode_reduce
+// would, and resets the counter. Saves the reduce kernel's launch and its gap in the graph.
+template <int HD, int G>
+__device__ __forceinline__ void last_split_reduces(
+    unsigned int* counters, const float* part_ml, const float* part_o, int ctx,
+    int tokens_per_split, int num_splits, int num_kv_heads, int kvh, int seq,
+    __nv_bfloat16* __restrict__ out)
+{
+    __shared__ bool s_last;
+    // Every thread's partial writes are visible device-wide before the arrival is counted.
+    __threadfence();
+    __syncthreads();
+    unsigned int* c = counters + (size_t)seq * num_kv_heads + kvh;
+    if (threadIdx.x == 0) s_last = atomicAdd(c, 1u) == (unsigned)(num_splits - 1);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // the other splits' partials, counted before our arrival, are read after it
+    const int num_heads = num_kv_heads * G;
+    const int nv = splits_with_tokens(ctx, tokens_per_split, num_splits);
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        const int h = kvh * G + i / HD, d = i % HD;
+        const size_t base = ((size_t)seq * num_heads + h) * num_splits;
+        out[((size_t)seq * num_heads + h) * HD + d] =
+            __float2bfloat16(combine_splits(part_ml, part_o, base, nv, HD, d));
+    }
+    if (threadIdx.x == 0) *c = 0u;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Decode: one query token per sequence against its paged context.
 //
@@ -59,8 +112,11 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 //
 // With one split the CTA writes bf16 output. With several (flash-decoding, chosen on the host
 // when num_seqs * num_kv_heads CTAs would not fill the GPU) it writes its normalised partial
-// output and (max, sum) to scratch, and attn_decode_reduce combines the splits. A split past a
-// short sequence's context exits at once; the reduce only reads splits that hold tokens.
+// output and (max, sum) to scratch, and the splits are combined either by attn_decode_reduce
+// or, when the launcher passes `counters`, by the last split CTA of each (sequence, kv head)
+// to finish (last_split_reduces: one kernel less per layer, the same bits). A split past a
+// short sequence's context writes nothing (it still counts its arrival); the combine only
+// reads splits that hold tokens.
 // ---------------------------------------------------------------------------------------------
 
 #define DEC_WARPS 4
@@ -70,10 +126,10 @@ template <int HD, int G>
 __device__ __forceinline__ void decode_body(
     const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
     const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
-    const int* __restrict__ context_lens, const int* __restrict__ block_tables,
+    const int* context_lens, const int* block_tables,
     int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
     int max_context_len, int tokens_per_split, int num_splits,
-    __nv_bfloat16* __restrict__ out, float* __restrict__ part_ml, float* __restrict__ part_o)
+    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
 {
     constexpr int LPK = HD / 8;           // lanes per K/V row
     constexpr int KPI = 32 / LPK;         // tokens per warp load instruction
@@ -103,6 +159,9 @@ __device__ __forceinline__ void decode_body(
         if (num_splits == 1) {
             for (int i = tid; i < G * HD; i += DEC_THREADS)
                 out[(size_t)seq * out_stride + (size_t)kvh * G * HD + i] = __float2bfloat16(0.f);
+        } else if (counters != nullptr) {
+            last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tokens_per_split, num_splits,
+                                      num_kv_heads, kvh, seq, out);
         }
         return;
     }
@@ -267,22 +326,25 @@ __device__ __forceinline__ void decode_body(
             }
         }
     }
+    if (num_splits > 1 && counters != nullptr)
+        last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tokens_per_split, num_splits,
+                                  num_kv_heads, kvh, seq, out);
 }
 
 #define DECODE_KERNEL(HD, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_hd##HD##_g##G(      \
         const __nv_bfloat16* __restrict__ qkv, int qkv_stride,                               \
         const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
-        const int* __restrict__ context_lens, const int* __restrict__ block_tables,          \
+        const int* context_lens, const int* block_tables,                                     \
         int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs,               \
         float scale_log2, int max_context_len, int tokens_per_split, int num_splits,          \
-        __nv_bfloat16* __restrict__ out, float* __restrict__ part_ml,                        \
-        float* __restrict__ part_o) {                                                        \
+        __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o,                      \
+        unsigned int* counters) {                                                            \
         pdl_begin();                                                                         \
         decode_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens, block_tables,    \
                            max_blocks_per_seq, num_kv_heads, num_blocks, log2_bs, scale_log2, \
                            max_context_len, tokens_per_split, num_splits, out, part_ml,      \
-                           part_o);                                                          \
+                           part_o, counters);                                                \
     }
 
 DECODE_KERNEL(64, 1)
@@ -314,21 +376,11 @@ extern "C" __global__ void attn_decode_reduce(
     pdl_begin();
     const int h = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
     const int ctx = min(context_lens[seq], max_context_len);
-    const int nv = ctx <= 0 ? 0 : min(num_splits, (ctx + tokens_per_split - 1) / tokens_per_split);
+    const int nv = splits_with_tokens(ctx, tokens_per_split, num_splits);
     const size_t base = ((size_t)seq * num_heads + h) * num_splits;
-    float mx = NEG_INF;
-    for (int i = 0; i < nv; ++i) mx = fmaxf(mx, part_ml[2 * (base + i)]);
-    const float mu = (mx == NEG_INF) ? 0.f : mx;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float sum = 0.f, o = 0.f;
-        for (int i = 0; i < nv; ++i) {
-            const float w = part_ml[2 * (base + i) + 1] * exp2f(part_ml[2 * (base + i)] - mu);
-            sum += w;
-            o += w * part_o[(base + i) * head_dim + d];
-        }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
         out[((size_t)seq * num_heads + h) * head_dim + d] =
-            __float2bfloat16(sum > 0.f ? o / sum : 0.f);
-    }
+            __float2bfloat16(combine_splits(part_ml, part_o, base, nv, head_dim, d));
 }
 
 // ---------------------------------------------------------------------------------------------

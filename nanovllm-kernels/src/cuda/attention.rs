@@ -9,7 +9,7 @@
 //! kernels clamp them so that bad metadata gives wrong numbers, never an out-of-bounds access.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -314,11 +314,13 @@ pub(crate) fn decode_attention(
             .arg(&nsplit)
             .arg(out.raw_mut())
             .arg(&0u64)
+            .arg(&0u64)
             .arg(&0u64);
         // SAFETY: the argument list matches `attn_decode_hd*_g*` (pointers, then ints/floats in
         // the kernel's order); every buffer was checked above to hold the elements the grid
         // touches (num_seqs rows of qkv/out/context_lens/block_tables), cache reads are bounded
-        // by the clamped block ids, and with one split the null partial pointers are unused.
+        // by the clamped block ids, and with one split the null partial and counter pointers
+        // are unused.
         unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
         return Ok(());
     }
@@ -327,6 +329,12 @@ pub(crate) fn decode_attention(
     let ml_len = 2 * parts;
     let mut scratch = be.scratch_f32(ml_len + parts * attn.head_dim)?;
     let (mut part_ml, mut part_o) = scratch.split_at_mut(ml_len);
+    let fused = fused_split_reduce();
+    let mut counters = if fused {
+        Some(be.split_counters(num_seqs * attn.num_kv_heads)?)
+    } else {
+        None
+    };
     let mut b = Launch::new(stream, &kernel);
     b.arg(qkv.raw())
         .arg(&qkv_stride)
@@ -345,9 +353,17 @@ pub(crate) fn decode_attention(
         .arg(out.raw_mut())
         .arg(&mut part_ml)
         .arg(&mut part_o);
+    match counters.as_deref_mut() {
+        Some(c) => b.arg(c),
+        None => b.arg(&0u64),
+    };
     // SAFETY: as above; the scratch holds 2 floats of (max, sum) and head_dim floats of output
-    // for every (sequence, head, split) the grid writes.
+    // for every (sequence, head, split) the grid writes; the counters (when passed) hold one
+    // zeroed u32 per (sequence, kv head), each reset by the CTA that counts last.
     unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
+    if fused {
+        return Ok(());
+    }
 
     let reduce = func(be, "attn_decode_reduce")?;
     let hd = attn.head_dim as i32;
@@ -370,6 +386,14 @@ pub(crate) fn decode_attention(
     // of num_heads * head_dim to `out`, checked above.
     unsafe { b.launch(rcfg) }.map_err(cuda_err("decode_attention: reduce launch"))?;
     Ok(())
+}
+
+/// Whether the last split CTA of decode attention combines the splits itself instead of a
+/// separate reduce kernel: `NANOVLLM_ATTN_FUSED_REDUCE=1`. Off by default until it has been
+/// checked (op_check) and timed on a GPU.
+fn fused_split_reduce() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("NANOVLLM_ATTN_FUSED_REDUCE").is_ok_and(|v| v.trim() == "1"))
 }
 
 /// Varlen causal prefill attention over the paged cache; see [`crate::Backend::prefill_attention`].

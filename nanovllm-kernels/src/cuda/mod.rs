@@ -118,6 +118,8 @@ pub struct CudaBackend {
     blas: gemm::Gemm,
     scratch: Mutex<CudaSlice<f32>>,
     sample_parts: Mutex<SampleParts>,
+    /// Arrival counters of decode attention's splits (zero between launches).
+    split_counters: Mutex<CudaSlice<u32>>,
 }
 
 /// `Error::Cuda` for a failed driver call, naming what was being done.
@@ -256,6 +258,9 @@ impl CudaBackend {
             idx: unsafe { stream.alloc::<u32>(1024) }
                 .map_err(|e| driver_err(&what("sampler scratch"), e))?,
         };
+        let split_counters = stream
+            .alloc_zeros::<u32>(1024)
+            .map_err(|e| driver_err(&what("split counters"), e))?;
         Ok(CudaBackend {
             ordinal,
             ctx,
@@ -267,6 +272,7 @@ impl CudaBackend {
             blas,
             scratch: Mutex::new(scratch),
             sample_parts: Mutex::new(sample_parts),
+            split_counters: Mutex::new(split_counters),
         })
     }
 
@@ -330,6 +336,22 @@ impl CudaBackend {
             // SAFETY: scratch contents are unspecified; kernels write before they read.
             *g = unsafe { self.stream.alloc::<f32>(new_len) }
                 .map_err(|e| driver_err(&format!("scratch_f32: {new_len} floats"), e))?;
+        }
+        Ok(g)
+    }
+
+    /// Zeroed u32 counters, at least `len` of them, for kernels that count arrivals and reset
+    /// their counter to zero before they end (decode attention's splits). Growing is refused
+    /// during capture, as for [`Self::scratch_f32`].
+    pub(crate) fn split_counters(&self, len: usize) -> Result<MutexGuard<'_, CudaSlice<u32>>> {
+        let mut g = lock(&self.split_counters, "cuda: split counters")?;
+        if g.len() < len {
+            self.refuse_growth_in_capture("split_counters", g.len(), len)?;
+            let new_len = len.max(2 * g.len());
+            *g = self
+                .stream
+                .alloc_zeros::<u32>(new_len)
+                .map_err(|e| driver_err(&format!("split_counters: {new_len} counters"), e))?;
         }
         Ok(g)
     }
