@@ -12,7 +12,7 @@
 use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
@@ -221,10 +221,9 @@ impl CustomAllReduce {
         unsafe { std::ptr::read_volatile(self.timed_out.0) != 0 }
     }
 
-    /// The lane a message of `len` elements goes through: (index of its first pointer in
-    /// `ptrs`, elements of each of its data buffers, blocks of its fixed grid, its epochs).
-    fn lane(&self, len: usize) -> (usize, usize, u32, &CudaSlice<u32>) {
-        match len <= SMALL_CAPACITY {
+    /// The lane a message of `len` elements goes through.
+    fn lane(&self, len: usize) -> Lane<'_> {
+        let (first, cap, blocks, epochs) = match len <= SMALL_CAPACITY {
             true => (
                 2 * self.world,
                 SMALL_CAPACITY,
@@ -232,38 +231,41 @@ impl CustomAllReduce {
                 &self.small_epochs,
             ),
             false => (0, CAPACITY, BLOCKS, &self.epochs),
+        };
+        let w = self.world;
+        Lane {
+            bufs: self.ptrs.slice(first..first + w),
+            flags: self.ptrs.slice(first + w..first + 2 * w),
+            epochs,
+            cap: cap as i64,
+            cfg: LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
         }
     }
 
     /// In place over `buf[..len]` (`len <= capacity()`), queued on the backend's stream.
     pub(crate) fn all_reduce(&self, buf: &mut CudaBuf<bf16>, len: usize) -> Result<()> {
-        let (rank, world) = (self.rank as i32, self.world as i32);
-        let w = self.world;
-        let (lane, cap, blocks, epochs) = self.lane(len);
-        let (cap, n) = (cap as i64, len as i64);
-        let bufs = self.ptrs.slice(lane..lane + w);
-        let flags = self.ptrs.slice(lane + w..lane + 2 * w);
+        let (rank, world, n) = (self.rank as i32, self.world as i32, len as i64);
+        let lane = self.lane(len);
         let mut b = Launch::new(&self.stream, &self.kernel);
         b.arg(buf.raw_mut())
-            .arg(&bufs)
-            .arg(&flags)
-            .arg(epochs)
+            .arg(&lane.bufs)
+            .arg(&lane.flags)
+            .arg(lane.epochs)
             .arg(&rank)
             .arg(&world)
-            .arg(&cap)
+            .arg(&lane.cap)
             .arg(&n)
             .arg(&self.stuck)
             .arg(&self.timed_out.1);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches ar_one_shot; it reads and writes len <= cap elements of `buf`
         // (checked by the caller against CAPACITY, and SMALL_CAPACITY picks the small lane),
         // as many of each rank's lane buffer (each holds cap), one epoch per block (the lane's
         // counters hold `blocks`) and flags [block][rank] inside the lane's flag area.
-        unsafe { b.launch(cfg) }.map_err(|e| driver_err("custom all-reduce", e))?;
+        unsafe { b.launch(lane.cfg) }.map_err(|e| driver_err("custom all-reduce", e))?;
         Ok(())
     }
 
@@ -291,11 +293,7 @@ impl CustomAllReduce {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "custom all_reduce_add_rms_norm";
-        let len = n.checked_mul(hidden).ok_or_else(|| {
-            Error::Other(format!(
-                "op {OP}: {n} x {hidden} elements is larger than memory"
-            ))
-        })?;
+        let len = super::ops::numel(OP, "x", n, hidden)?;
         super::check_len(OP, "x", x, len)?;
         super::check_len(OP, "residual", residual, len)?;
         super::check_len(OP, "weight", weight, hidden)?;
@@ -308,33 +306,25 @@ impl CustomAllReduce {
                 ))
             })?;
         let (rank, world) = (self.rank as i32, self.world as i32);
-        let w = self.world;
-        let (lane, cap, blocks, epochs) = self.lane(len);
         // All fit an i32: len <= CAPACITY.
-        let (cap, rows, width) = (cap as i64, n as i32, hidden as i32);
-        let bufs = self.ptrs.slice(lane..lane + w);
-        let flags = self.ptrs.slice(lane + w..lane + 2 * w);
+        let (rows, width) = (n as i32, hidden as i32);
+        let lane = self.lane(len);
         let mut b = Launch::new(&self.stream, &self.fused);
         b.arg(x.raw_mut())
             .arg(residual.raw_mut())
             .arg(weight.raw())
-            .arg(&bufs)
-            .arg(&flags)
-            .arg(epochs)
+            .arg(&lane.bufs)
+            .arg(&lane.flags)
+            .arg(lane.epochs)
             .arg(&rank)
             .arg(&world)
-            .arg(&cap)
+            .arg(&lane.cap)
             .arg(&rows)
             .arg(&width)
             .arg(&nt)
             .arg(&eps)
             .arg(&self.stuck)
             .arg(&self.timed_out.1);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: matches ar_add_rms_norm. Block b reads and writes rows b, b + blocks, ...
         // of x and residual (n rows of hidden, checked above; distinct buffers, as &mut
         // guarantees) and reads hidden weights (checked); it writes n * hidden <= cap elements
@@ -344,9 +334,20 @@ impl CustomAllReduce {
         // `norm_threads` gives the kernel's layout: hidden % 8 == 0, hidden / 8 <= AR_CHUNK and
         // <= NORM_VPT * nt, nt a multiple of 32 and at most THREADS; the block is THREADS, its
         // __launch_bounds__.
-        unsafe { b.launch(cfg) }.map_err(|e| driver_err("custom all_reduce_add_rms_norm", e))?;
+        unsafe { b.launch(lane.cfg) }
+            .map_err(|e| driver_err("custom all_reduce_add_rms_norm", e))?;
         Ok(())
     }
+}
+
+/// One lane's side of a launch: its buffers' and flags' addresses by rank, its per-block
+/// epochs, the elements of each data buffer, and its fixed grid.
+struct Lane<'s> {
+    bufs: CudaView<'s, u64>,
+    flags: CudaView<'s, u64>,
+    epochs: &'s CudaSlice<u32>,
+    cap: i64,
+    cfg: LaunchConfig,
 }
 
 /// The threads of `add_rms_norm`'s block for rows of `hidden` (`norm_threads` in ops.rs), whose

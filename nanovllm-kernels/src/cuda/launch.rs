@@ -14,18 +14,23 @@
 //! ordered as a plain stream would be.
 //!
 //! [`Launch`] is a drop-in for cudarc's `LaunchArgs` (same `.arg(..)` calls through
-//! [`PushKernelArg`]) that launches through `cuLaunchKernelEx` with the attribute when
-//! [`pdl_enabled`], and through `cuLaunchKernel` otherwise. `NANOVLLM_PDL=0` turns it off.
+//! [`PushKernelArg`]) that launches through `cuLaunchKernelEx`, with the attribute when
+//! [`pdl_enabled`] (`NANOVLLM_PDL=0` turns it off) and without otherwise. It copies each
+//! argument into a fixed slot, so a launch allocates nothing.
 
 use std::ffi::c_void;
-use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::{self, CUdeviceptr};
+use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     DriverError, LaunchConfig, PushKernelArg,
 };
+
+// Each argument is kept in a 64-bit slot and the driver reads as many bytes as the kernel's
+// parameter has from the slot's address: the low bytes, on a little-endian host.
+#[cfg(target_endian = "big")]
+compile_error!("kernel arguments are passed in little-endian 64-bit slots");
 
 /// Whether kernels are launched with programmatic dependent launch: on unless the environment
 /// sets `NANOVLLM_PDL=0` (read once per process).
@@ -34,20 +39,18 @@ pub fn pdl_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("NANOVLLM_PDL").map_or(true, |v| v.trim() != "0"))
 }
 
-/// One kernel argument: the address of a host value the driver copies at launch, or a device
-/// address held here.
-enum Arg {
-    Host(*const c_void),
-    Device(CUdeviceptr),
-}
+/// Most arguments a kernel of this crate takes (the decode attention kernels take 18).
+const MAX_ARGS: usize = 32;
 
-/// A kernel launch being assembled: `Launch::new(stream, func).arg(..)...launch(cfg)`.
-/// Arguments borrowed from the caller (`'a`) outlive the launch, as with cudarc's builder.
+/// A kernel launch being assembled: `Launch::new(stream, func).arg(..)...launch(cfg)`. Every
+/// argument (a scalar, or a buffer's device address) is copied into a slot here, so a launch
+/// allocates nothing.
 pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
-    args: Vec<Arg>,
-    _borrows: PhantomData<&'a ()>,
+    slots: [u64; MAX_ARGS],
+    /// Arguments pushed; more than `MAX_ARGS` makes `launch` fail.
+    len: usize,
 }
 
 impl<'a> Launch<'a> {
@@ -55,9 +58,17 @@ impl<'a> Launch<'a> {
         Self {
             stream,
             func,
-            args: Vec::with_capacity(24),
-            _borrows: PhantomData,
+            slots: [0; MAX_ARGS],
+            len: 0,
         }
+    }
+
+    fn push(&mut self, slot: u64) -> &mut Self {
+        if let Some(s) = self.slots.get_mut(self.len) {
+            *s = slot;
+        }
+        self.len += 1;
+        self
     }
 
     /// Queues the kernel on the stream (captured when the stream is capturing).
@@ -66,15 +77,14 @@ impl<'a> Launch<'a> {
     /// As cudarc's `LaunchArgs::launch`: the arguments must match the kernel's parameters in
     /// number, order and type, and the kernel must stay within the buffers it is given.
     pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        if self.len > MAX_ARGS {
+            return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        }
         self.stream.context().bind_to_thread()?;
-        let mut params: Vec<*mut c_void> = self
-            .args
-            .iter()
-            .map(|a| match a {
-                Arg::Host(p) => *p as *mut c_void,
-                Arg::Device(d) => d as *const CUdeviceptr as *mut c_void,
-            })
-            .collect();
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        for (p, s) in params.iter_mut().zip(self.slots.iter_mut()) {
+            *p = s as *mut u64 as *mut c_void;
+        }
         let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
@@ -94,10 +104,9 @@ impl<'a> Launch<'a> {
             attrs: &mut attr,
             numAttrs: u32::from(pdl_enabled()),
         };
-        // SAFETY: `params` points at values that live until this call returns (host values
-        // borrowed for 'a, device addresses in `self.args`, which is not modified meanwhile);
-        // the caller vouches for their match with the kernel; `config` and `attr` are valid
-        // for the call.
+        // SAFETY: `params` points at this launch's slots, which are not touched until the call
+        // returns (the driver copies the arguments during it); the caller vouches for their
+        // match with the kernel; `config` and `attr` are valid for the call.
         unsafe {
             sys::cuLaunchKernelEx(
                 &config,
@@ -108,53 +117,102 @@ impl<'a> Launch<'a> {
         }
         .result()
     }
+}
 
-    fn device(&mut self, ptr: CUdeviceptr) -> &mut Self {
-        self.args.push(Arg::Device(ptr));
+/// A scalar kernel argument and its 64-bit slot: the value's bytes first (little-endian), the
+/// rest zero.
+trait Scalar: Copy {
+    fn slot(self) -> u64;
+}
+
+impl Scalar for i32 {
+    fn slot(self) -> u64 {
+        u64::from(self as u32)
+    }
+}
+
+impl Scalar for u32 {
+    fn slot(self) -> u64 {
+        u64::from(self)
+    }
+}
+
+impl Scalar for i64 {
+    fn slot(self) -> u64 {
+        self as u64
+    }
+}
+
+impl Scalar for u64 {
+    fn slot(self) -> u64 {
         self
     }
 }
 
-macro_rules! host_args {
-    ($($t:ty),*) => {$(
-        // SAFETY: the value is borrowed for the builder's lifetime and copied by the driver at
-        // launch, exactly as cudarc's own builder does.
-        unsafe impl<'a, 'b: 'a> PushKernelArg<&'b $t> for Launch<'a> {
-            fn arg(&mut self, arg: &'b $t) -> &mut Self {
-                self.args.push(Arg::Host(arg as *const $t as *const c_void));
-                self
-            }
-        }
-    )*};
+impl Scalar for f32 {
+    fn slot(self) -> u64 {
+        u64::from(self.to_bits())
+    }
 }
-host_args!(i32, u32, i64, u64, f32);
 
-// SAFETY (all four impls below): device addresses of buffers borrowed for the builder's
-// lifetime; event tracking is off in this crate, so the returned guards record nothing.
+// SAFETY: the value's bytes are copied into the slot, where the driver reads them.
+unsafe impl<T: Scalar> PushKernelArg<&T> for Launch<'_> {
+    fn arg(&mut self, arg: &T) -> &mut Self {
+        self.push(arg.slot())
+    }
+}
+
+// SAFETY (all four impls below): the device address of a buffer borrowed for the builder's
+// lifetime, so it outlives the launch; event tracking is off in this crate, so the returned
+// guards record nothing.
 unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b CudaSlice<T>> for Launch<'a> {
     fn arg(&mut self, arg: &'b CudaSlice<T>) -> &mut Self {
         let (ptr, _guard) = arg.device_ptr(self.stream);
-        self.device(ptr)
+        self.push(ptr)
     }
 }
 
 unsafe impl<'a, 'b: 'a, T> PushKernelArg<&'b mut CudaSlice<T>> for Launch<'a> {
     fn arg(&mut self, arg: &'b mut CudaSlice<T>) -> &mut Self {
         let (ptr, _guard) = arg.device_ptr_mut(self.stream);
-        self.device(ptr)
+        self.push(ptr)
     }
 }
 
 unsafe impl<'a, 'b: 'a, 'c: 'b, T> PushKernelArg<&'b CudaView<'c, T>> for Launch<'a> {
     fn arg(&mut self, arg: &'b CudaView<'c, T>) -> &mut Self {
         let (ptr, _guard) = arg.device_ptr(self.stream);
-        self.device(ptr)
+        self.push(ptr)
     }
 }
 
 unsafe impl<'a, 'b: 'a, 'c: 'b, T> PushKernelArg<&'b mut CudaViewMut<'c, T>> for Launch<'a> {
     fn arg(&mut self, arg: &'b mut CudaViewMut<'c, T>) -> &mut Self {
         let (ptr, _guard) = arg.device_ptr_mut(self.stream);
-        self.device(ptr)
+        self.push(ptr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Scalar;
+
+    /// The driver reads a parameter's size in bytes from the start of its slot: those bytes
+    /// must be the value's own.
+    #[test]
+    fn scalar_slots_start_with_the_value_bytes() {
+        fn head<const N: usize>(slot: u64) -> [u8; N] {
+            slot.to_le_bytes()[..N].try_into().unwrap()
+        }
+        assert_eq!(head::<4>((-3i32).slot()), (-3i32).to_ne_bytes());
+        assert_eq!(
+            head::<4>(0xdead_beefu32.slot()),
+            0xdead_beefu32.to_ne_bytes()
+        );
+        assert_eq!(head::<4>((-1.5f32).slot()), (-1.5f32).to_ne_bytes());
+        assert_eq!(head::<8>((-7i64).slot()), (-7i64).to_ne_bytes());
+        assert_eq!(head::<8>(u64::MAX.slot()), u64::MAX.to_ne_bytes());
+        // The rest of a 4-byte value's slot is zero.
+        assert_eq!((-1i32).slot() >> 32, 0);
     }
 }

@@ -279,11 +279,7 @@ impl NcclComm {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "nccl all_reduce_add_rms_norm";
-        let len = n.checked_mul(hidden).ok_or_else(|| {
-            Error::Other(format!(
-                "op {OP}: {n} x {hidden} elements is larger than memory"
-            ))
-        })?;
+        let len = super::ops::numel(OP, "x", n, hidden)?;
         // Lengths are checked by whichever path runs: the fused kernel's launcher, or
         // all_reduce_sum and add_rms_norm.
         if len > 0 {
