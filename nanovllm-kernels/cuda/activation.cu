@@ -8,12 +8,9 @@
 // up and writes one vector of out, all coalesced. inter % 8 != 0 takes a scalar path.
 //
 // Numerics (the CPU reference's): silu(g) = g / (1 + exp(-g)) in f32, rounded to bf16 (the
-// activation's output dtype), times up in f32, rounded to bf16.
+// activation's output dtype), times up in f32, rounded to bf16 (silu_mul in common.cuh, which
+// the down projection's fused form in gemv.cu shares).
 #include "common.cuh"
-
-__device__ __forceinline__ float silu_mul(float g, float u) {
-    return round_bf16(g / (1.f + __expf(-g))) * u;
-}
 
 extern "C" __global__ void silu_and_mul(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                                         int n, int inter) {

@@ -29,6 +29,21 @@ __device__ __forceinline__ float round_bf16(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
 }
 
+// silu(g) * u as the MLP's activation computes it: silu(g) = g / (1 + exp(-g)) with the fast
+// exponential and division (flush-to-zero), rounded to bf16, times u. Written out in PTX so
+// that every file computes the same bits whatever its compile flags (activation.cu builds with
+// --use_fast_math, gemv.cu without), which lets the down projection fuse it (gemv.cu).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    float e, s, r;
+    asm("mul.ftz.f32 %0, %1, 0fBFB8AA3B;" : "=f"(e) : "f"(g));  // -g * log2(e)
+    asm("ex2.approx.ftz.f32 %0, %0;" : "+f"(e));
+    asm("add.ftz.f32 %0, %0, 0f3F800000;" : "+f"(e));  // + 1
+    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(s) : "f"(g), "f"(e));
+    s = round_bf16(s);
+    asm("mul.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(u), "f"(s));
+    return r;
+}
+
 __device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
     f[0] = bf16_lo(v.x); f[1] = bf16_hi(v.x);
     f[2] = bf16_lo(v.y); f[3] = bf16_hi(v.y);

@@ -80,13 +80,16 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
 
 // MROWS = the most rows of x the kernel takes: 8 (the A fragment's upper 8 rows are zero and
 // never loaded), 16 or 32 (MT = 2 m16 tiles). U = k tiles whose loads a thread issues before
-// it waits for any (one batch).
-template <int MROWS, int U>
+// it waits for any (one batch). SILU: x is the MLP's gate_up, [M, 2K] rows of [gate, up], and
+// the product takes silu(gate) * up (silu_mul, as silu_and_mul computes it) as its x row.
+template <int MROWS, int U, bool SILU = false>
 __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                      bf16* __restrict__ out, int M, int N, int K) {
     constexpr int MT = MROWS <= 16 ? 1 : MROWS / 16;  // m16 tiles
     constexpr bool HI = MROWS > 8;                    // rows g + 8 of a tile can be < M
     static_assert(RED_FLOAT4 % (MT * 32) == 0, "reduction buffer");
+    static_assert(!SILU || !HI, "the fused activation takes at most 8 rows");
+    const size_t xstride = SILU ? 2 * (size_t)K : (size_t)K;  // elements per x row
     __shared__ float4 red[RED_FLOAT4];  // [warp][MT][lane] accumulator fragments
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = blockDim.x >> 5;  // <= RED_FLOAT4 / (32 MT), launcher's promise
@@ -109,7 +112,7 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
     for (int kt0 = kt_begin; kt0 < kt_end; kt0 += U) {
         // Every load of the U tiles first (w, the DRAM stream, before x, which L1 or L2
         // serves), then the mma: one memory latency per U tiles.
-        uint4 wv[U], xl[U][MT], xh[U][MT];
+        uint4 wv[U], xl[U][MT], xh[U][MT], xu[U][MT];
         bool in[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -127,8 +130,10 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 const int lo = 16 * mt + g, hi = lo + 8;
-                xl[u][mt] = in[u] && lo < M ? ld_act(x + (size_t)lo * K + k) : zero;
-                xh[u][mt] = HI && in[u] && hi < M ? ld_act(x + (size_t)hi * K + k) : zero;
+                xl[u][mt] = in[u] && lo < M ? ld_act(x + lo * xstride + k) : zero;
+                xh[u][mt] = HI && in[u] && hi < M ? ld_act(x + hi * xstride + k) : zero;
+                // The up half of the row (SILU): K elements after the gate.
+                xu[u][mt] = SILU && in[u] && lo < M ? ld_act(x + lo * xstride + K + k) : zero;
             }
         }
         // ptxas schedules each load next to its first use (one memory latency per tile, half
@@ -140,9 +145,24 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
         for (int u = 0; u < U; ++u) {
             dep |= wv[u].x;
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) dep |= xl[u][mt].x | xh[u][mt].x;
+            for (int mt = 0; mt < MT; ++mt) dep |= xl[u][mt].x | xh[u][mt].x | xu[u][mt].x;
         }
         wv[0].x |= dep & never;
+        if constexpr (SILU) {
+            // Rows past M and chunks past K hold zeros in both halves: silu(0) * 0 = 0.
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    float gf[8], uf[8];
+                    unpack8(xl[u][mt], gf);
+                    unpack8(xu[u][mt], uf);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) gf[e] = silu_mul(gf[e], uf[e]);
+                    xl[u][mt] = pack8(gf);
+                }
+            }
+        }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -183,6 +203,16 @@ extern "C" __global__ void __launch_bounds__(512) gemv_m8(const bf16* __restrict
                                                           bf16* __restrict__ out, int M, int N,
                                                           int K) {
     gemv<8, 8>(x, w, out, M, N, K);
+}
+
+// The MLP's down projection with its activation: out = (silu(gate) * up) . w^T for M <= 8
+// rows of gate_up ([M, 2K]); U = 4, so that the gate and up loads of a batch fit in registers,
+// and up to 24 warps, so that a weight of Qwen3-0.6B's size is still requested in one batch.
+extern "C" __global__ void __launch_bounds__(768) gemv_m8_silu(const bf16* __restrict__ gate_up,
+                                                               const bf16* __restrict__ w,
+                                                               bf16* __restrict__ out, int M,
+                                                               int N, int K) {
+    gemv<8, 4, true>(gate_up, w, out, M, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(768) gemv_m16(const bf16* __restrict__ x,

@@ -795,6 +795,54 @@ impl Case for Gemm {
     }
 }
 
+/// The MLP's activation and down projection in one call: on CUDA one fused skinny kernel for
+/// m <= 8 (k % 8 == 0), silu_and_mul + gemm otherwise.
+struct SiluMulGemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    gate_up: Vec<bf16>,
+    w: Vec<bf16>,
+}
+
+impl SiluMulGemm {
+    fn new(rng: &mut Rng, m: usize, n: usize, k: usize) -> Self {
+        let s = 1.0 / (k as f32).sqrt();
+        SiluMulGemm {
+            m,
+            n,
+            k,
+            gate_up: rng.bf16s(m * 2 * k, -4.0, 4.0),
+            w: rng.bf16s(n * k, -s, s),
+        }
+    }
+}
+
+impl Case for SiluMulGemm {
+    fn size(&self) -> usize {
+        (self.m * self.n).max(self.w.len()).max(self.gate_up.len())
+    }
+    fn op(&self) -> &'static str {
+        "silu_and_mul_gemm"
+    }
+    fn shape(&self) -> String {
+        format!("m={} n={} k={}", self.m, self.n, self.k)
+    }
+    fn tol(&self) -> Tol {
+        // The activation may round to a neighbouring bf16 here and there (fast exponential
+        // and division against the CPU's exact ones); a dropped k tile or row shows as 1e-1.
+        Tol::RelL2(5e-3)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
+        let gu = up(b, &self.gate_up)?;
+        let w = up(b, &self.w)?;
+        let mut act = poisoned(b, self.m * self.k)?;
+        let mut out = poisoned(b, self.m * self.n)?;
+        b.silu_and_mul_gemm(&gu, &w, self.m, self.n, self.k, &mut act, &mut out)?;
+        Ok(vec![out_bf16(b, "out", &out, self.m * self.n)?])
+    }
+}
+
 struct Gather {
     n: usize,
     width: usize,
@@ -1409,6 +1457,26 @@ fn main() {
             eprintln!("op_check: {e}");
             std::process::exit(2);
         }
+    }
+    if on("silu_and_mul_gemm") {
+        // Qwen3-0.6B's and -8B's down projections (8B also at tp 2), odd shapes, and the
+        // sizes that leave the fused kernel: m > 8, k % 8 != 0.
+        let shapes = [
+            (1024, 3072),
+            (4096, 12_288),
+            (4096, 6144),
+            (1001, 1000),
+            (33, 72),
+            (7, 8),
+        ];
+        for m in (1..=8).chain([9, 16]) {
+            for (i, &(n, k)) in shapes.iter().enumerate() {
+                if (m + i) % 2 == 0 || m == 1 || m == 8 {
+                    rep.check(&cpu, &gpu, &SiluMulGemm::new(&mut rng, m, n, k));
+                }
+            }
+        }
+        rep.check(&cpu, &gpu, &SiluMulGemm::new(&mut rng, 3, 100, 999));
     }
     if on("gather_rows") {
         for (n, rows, w) in [

@@ -223,6 +223,27 @@ pub trait Backend: Send + Sync + Sized + 'static {
         out: &mut Self::Buf<bf16>,
     ) -> Result<()>;
 
+    /// The MLP's activation and down projection: `out[m, n] = act[m, inter] . w[n, inter]^T`
+    /// with `act = silu(gate) * up` of `gate_up` (`[m, 2 * inter]`), i.e.
+    /// [`silu_and_mul`](Self::silu_and_mul) into `act` followed by [`gemm`](Self::gemm), which
+    /// is what this default does. A backend may instead fuse the activation into the product
+    /// (the CUDA backend does for a few rows) and leave `act` unwritten; `out` is the same
+    /// either way up to the rounding of the sum's order.
+    #[allow(clippy::too_many_arguments)]
+    fn silu_and_mul_gemm(
+        &self,
+        gate_up: &Self::Buf<bf16>,
+        w: &Self::Buf<bf16>,
+        m: usize,
+        n: usize,
+        inter: usize,
+        act: &mut Self::Buf<bf16>,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()> {
+        self.silu_and_mul(gate_up, m, inter, act)?;
+        self.gemm(act, w, m, n, inter, out)
+    }
+
     /// Varlen causal attention for prefill, keys and values read from the paged cache (so
     /// that cached prefixes and chunked prefill work): for sequence `s`, its queries are rows
     /// `cu_seqlens_q[s]..cu_seqlens_q[s+1]` of `qkv` and its keys the first

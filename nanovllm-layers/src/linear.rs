@@ -441,6 +441,29 @@ impl<B: Backend> RowParallelLinear<B> {
         )
     }
 
+    /// [`Self::forward_partial`] of the MLP's activation: `x_r = silu(gate) * up` of `gate_up`
+    /// (`[n, 2 * input_size / tp]`, the output of a two-part
+    /// [`MergedColumnParallelLinear`]), through [`Backend::silu_and_mul_gemm`], which may fuse
+    /// the activation into the product; `act` (`[n, input_size / tp]`) is its scratch.
+    pub fn forward_partial_silu(
+        &self,
+        be: &B,
+        gate_up: &B::Buf<bf16>,
+        n: usize,
+        act: &mut B::Buf<bf16>,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<()> {
+        be.silu_and_mul_gemm(
+            gate_up,
+            &self.weight,
+            n,
+            self.output_size,
+            self.input_size_per_partition,
+            act,
+            out,
+        )
+    }
+
     /// Input features this rank multiplies.
     pub fn input_size_per_partition(&self) -> usize {
         self.input_size_per_partition

@@ -129,9 +129,13 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
     llm.reset_step_stats();
     let profile_before = llm.runner_profile();
     let t = Instant::now();
-    let outputs = llm.generate(&prompts, &params, false)?;
+    let output_tokens = if profile_decode_requested() && !on_cpu {
+        generate_profiling_decode(&mut llm, &prompts, &params)?
+    } else {
+        let outputs = llm.generate(&prompts, &params, false)?;
+        outputs.iter().map(|o| o.token_ids.len()).sum()
+    };
     let seconds = t.elapsed().as_secs_f64();
-    let output_tokens: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
     let stats = llm.step_stats();
     let profile = llm.runner_profile();
     let prepare = profile.prepare_seconds - profile_before.prepare_seconds;
@@ -167,6 +171,58 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
         print_report(&report);
     }
     Ok(())
+}
+
+/// Whether `NANOVLLM_PROFILE_DECODE` (set, and not "0") asks for the decode steps to be
+/// bracketed for a profiler (scripts/gpu/profile.sh).
+fn profile_decode_requested() -> bool {
+    std::env::var_os("NANOVLLM_PROFILE_DECODE").is_some_and(|v| v != "0")
+}
+
+/// The timed run for a profiler started with `--profile-from-start off`: the requests are
+/// stepped one engine step at a time and the profiler collects from the second decode step on
+/// (prefill and the warm-up stay out of the profile) until a step is not a decode step.
+/// Returns the output tokens.
+fn generate_profiling_decode(
+    llm: &mut LLM,
+    prompts: &[Prompt],
+    params: &[SamplingParams],
+) -> Result<usize> {
+    for (prompt, sp) in prompts.iter().zip(params) {
+        llm.add_request(prompt, sp.clone())?;
+    }
+    let mut tokens = 0;
+    let mut profiling = false;
+    let mut run = || -> Result<()> {
+        while !llm.is_finished() {
+            let decode_steps = llm.step_stats().decode_steps;
+            let events = llm.step()?;
+            tokens += events.iter().map(|e| e.new_token_ids.len()).sum::<usize>();
+            let decoding = llm.step_stats().decode_steps > decode_steps;
+            if decoding != profiling {
+                profiler_range(decoding)?;
+                profiling = decoding;
+            }
+        }
+        Ok(())
+    };
+    let result = run();
+    if profiling {
+        profiler_range(false)?;
+    }
+    result.map(|()| tokens)
+}
+
+#[cfg(feature = "cuda")]
+fn profiler_range(active: bool) -> Result<()> {
+    nanovllm_kernels::cuda::profiler_range(active)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler_range(_active: bool) -> Result<()> {
+    Err(nanovllm_utils::Error::Other(
+        "NANOVLLM_PROFILE_DECODE needs a build with the cuda feature".into(),
+    ))
 }
 
 fn print_report(r: &BenchReport) {

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Where a decode step's GPU time goes, kernel by kernel, from Nsight Compute (ncu) on the GPU
-# machine. One fixed-batch `nanovllm bench` (PROFILE_BATCH sequences of 16-token prompts,
-# PROFILE_TOKENS new tokens each, so the one prefill step is a small part) runs twice:
+# machine. One fixed-batch `nanovllm bench` (PROFILE_BATCH sequences of PROFILE_INPUT-token
+# prompts, PROFILE_TOKENS new tokens each) runs twice:
 #   1. plain: the decode step time (CUDA graphs, programmatic dependent launch: the real step);
-#   2. under ncu with --graph-profiling node: every kernel of every replayed graph timed on its
-#      own (serialised, so no overlap between kernels; caches and clocks left alone).
+#   2. under ncu with --graph-profiling node and --profile-from-start off, with
+#      NANOVLLM_PROFILE_DECODE=1, which makes the bench step the engine itself and switch the
+#      profiler on from its second decode step to its last: start-up, warm-up and prefill stay
+#      out. Every kernel of every replayed graph is timed on its own (serialised, so no overlap
+#      between kernels; caches and clocks left alone).
 # The table lists each kernel name's calls and time per decode step (decode steps = the
-# decode-attention launches / PROFILE_LAYERS; the prefill step's kernels are spread over them
-# too, a few per cent at the default lengths). "sum" is the kernels' time per step; the
-# difference to the plain step is what the gaps between kernels (less what PDL overlaps)
-# and the host cost. With PROFILE_TP=2 only rank 0's process is profiled; its all-reduce
-# kernels then include the wait for rank 1.
+# decode-attention launches / PROFILE_LAYERS). "sum" is the kernels' time per step; the
+# difference to the plain step is the gaps between kernels (less what PDL overlaps) and the
+# host cost. With PROFILE_TP=2 only rank 0's process is profiled; its all-reduce kernels then
+# include the wait for rank 1.
 # Usage (repository root, GPU machine): PROFILE_MODEL=qwen3-8b PROFILE_LAYERS=36 \
 #   PROFILE_BATCH=256 PROFILE_TP=2 scripts/gpu/profile.sh
 # Expects gpu/bin/nanovllm (scripts/gpu/stage.sh). Logs go to $OUT (default /tmp/nanovllm-prof).
@@ -21,25 +23,26 @@ bin=gpu/bin/nanovllm
 model="${PROFILE_MODEL:-qwen3-0.6b}"
 layers="${PROFILE_LAYERS:-28}"
 batch="${PROFILE_BATCH:-1}"
-tokens="${PROFILE_TOKENS:-16}"
+tokens="${PROFILE_TOKENS:-32}"
+input="${PROFILE_INPUT:-512}"
 tp="${PROFILE_TP:-1}"
 ncu_bin="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 mkdir -p "$out"
-args=(bench --model "$model" --tp "$tp" --num-seqs "$batch" --min-input-len 16 --max-input-len 16
+args=(bench --model "$model" --tp "$tp" --num-seqs "$batch" --min-input-len "$input" --max-input-len "$input"
     --min-output-len "$tokens" --max-output-len "$tokens" --json)
 
 timeout 300 "$bin" "${args[@]}" >"$out/plain.json" 2>"$out/plain.err" || {
     echo "profile: plain run failed:"; tail -5 "$out/plain.err"; exit 1; }
 step_ms=$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(1e3*j['decode_seconds']/max(1,j['decode_steps']))" "$out/plain.json")
 
-timeout 900 "$ncu_bin" --graph-profiling node --cache-control none --clock-control none \
+NANOVLLM_PROFILE_DECODE=1 timeout 900 "$ncu_bin" --graph-profiling node --profile-from-start off --cache-control none --clock-control none \
     --target-processes application-only --metrics gpu__time_duration.sum --csv \
     "$bin" "${args[@]}" >"$out/ncu.csv" 2>"$out/ncu.err" || {
     echo "profile: ncu run failed:"; tail -5 "$out/ncu.err"; exit 1; }
 
-python3 - "$out/ncu.csv" "$layers" "$step_ms" "$model" "$batch" "$tp" <<'PY'
+python3 - "$out/ncu.csv" "$layers" "$step_ms" "$model" "$batch" "$tp" "$input" <<'PY'
 import collections, csv, io, sys
-path, layers, step_ms, model, batch, tp = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:]
+path, layers, step_ms, model, batch, tp, prompt = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:]
 text = open(path, errors="replace").read()
 start = text.find('"ID"')
 if start < 0:
@@ -61,7 +64,7 @@ if steps == 0:
     sys.exit("profile: no decode-attention kernel found; is PROFILE_LAYERS right?")
 rows = sorted(((t / steps, calls[n] / steps, n) for n, t in total.items()), reverse=True)
 kernel_sum = sum(r[0] for r in rows)
-print(f"== {model}, batch {batch}, tp {tp}: {steps:.0f} decode steps profiled; "
+print(f"== {model}, batch {batch}, prompt {prompt}, tp {tp}: {steps:.0f} decode steps profiled; "
       f"plain decode step {step_ms * 1e3:.0f} us")
 print(f"{'kernel':58} {'calls/step':>10} {'us/step':>9} {'share':>6}")
 for us, per, name in rows:

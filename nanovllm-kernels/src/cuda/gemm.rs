@@ -32,7 +32,7 @@
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
@@ -63,11 +63,19 @@ pub const SKINNY_LIMIT: usize = 32;
 
 /// The skinny kernels of `cuda/gemv.cu`: (name, most rows M, k tiles of 32 a thread has in
 /// flight (`U` there), most warps per CTA (its launch bound / 32)).
-const SKINNY_KERNELS: [(&str, usize, usize, usize); 3] = [
+const SKINNY_KERNELS: [SkinnyKernel; 3] = [
     ("gemv_m8", 8, 8, 16),
     ("gemv_m16", 16, 4, 24),
     ("gemv_m32", 32, 4, 16),
 ];
+
+/// The skinny kernel of the MLP's down projection with its activation fused (gemv.cu): x is
+/// gate_up, `[m, 2k]`; 4 k tiles per batch keep the gate and up loads in registers, and up to
+/// 24 warps request a weight of Qwen3-0.6B's size in one batch.
+const SKINNY_SILU_KERNEL: SkinnyKernel = ("gemv_m8_silu", 8, 4, 24);
+
+/// A skinny kernel: name in gemv.cu, most rows, k tiles per thread and batch, most warps.
+type SkinnyKernel = (&'static str, usize, usize, usize);
 
 /// Warps per CTA of the skinny kernel when a weight is too large to request at once (see
 /// [`skinny_warps`]).
@@ -222,18 +230,67 @@ pub(super) fn gemm(
         && i32::try_from(n).is_ok()
         && i32::try_from(k).is_ok();
     if fits {
-        return skinny(be, x, w, out, m, n, k);
+        let kernel = SKINNY_KERNELS
+            .iter()
+            .find(|kernel| m <= kernel.1)
+            .ok_or_else(|| {
+                Error::Other(format!("op gemm: m = {m} is beyond the skinny kernels"))
+            })?;
+        return skinny(be, *kernel, x, w, out, m, n, k);
     }
     be.blas.matmul(be, x, w, out, m, n, k)
 }
 
-/// Queues the skinny kernel for `m` in 1..=[`SKINNY_LIMIT`] (see `cuda/gemv.cu`).
+/// `Backend::silu_and_mul_gemm` fused into one skinny kernel (`gemv_m8_silu`), when it applies:
+/// at most 8 rows, the skinny kernels allowed for `m` by the policy, `k % 8 == 0`, 16-byte
+/// aligned operands, and `NANOVLLM_FUSED_SILU` not set to 0. Returns whether it queued the
+/// kernel; on false the caller runs silu_and_mul and gemm. The buffers are checked by the
+/// caller as for [`gemm`], `gate_up` holding `m * 2k` elements.
 #[allow(clippy::too_many_arguments)]
-fn skinny(be: &CudaBackend, x: u64, w: u64, out: u64, m: usize, n: usize, k: usize) -> Result<()> {
-    let &(name, _, tiles, max_warps) = SKINNY_KERNELS
-        .iter()
-        .find(|kernel| m <= kernel.1)
-        .ok_or_else(|| Error::Other(format!("op gemm: m = {m} is beyond the skinny kernels")))?;
+pub(super) fn silu_gemm(
+    be: &CudaBackend,
+    gate_up: u64,
+    w: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<bool> {
+    let fits = fused_silu_enabled()
+        && m <= SKINNY_SILU_KERNEL.1
+        && m <= be.blas.skinny_max_m.load(Ordering::Relaxed)
+        && k.is_multiple_of(8)
+        && gate_up.is_multiple_of(16)
+        && w.is_multiple_of(16)
+        && i32::try_from(n).is_ok()
+        && i32::try_from(2 * k).is_ok();
+    if fits {
+        skinny(be, SKINNY_SILU_KERNEL, gate_up, w, out, m, n, k)?;
+    }
+    Ok(fits)
+}
+
+/// Whether the MLP's activation is fused into its down projection where it can be: on unless
+/// the environment sets `NANOVLLM_FUSED_SILU=0` (read once per process; for A/B timing).
+fn fused_silu_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("NANOVLLM_FUSED_SILU").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Queues skinny `kernel` (an entry of [`SKINNY_KERNELS`] or [`SKINNY_SILU_KERNEL`], taking
+/// `m` rows) on x (or gate_up) and w (see `cuda/gemv.cu`).
+#[allow(clippy::too_many_arguments)]
+fn skinny(
+    be: &CudaBackend,
+    kernel: SkinnyKernel,
+    x: u64,
+    w: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let (name, _, tiles, max_warps) = kernel;
     let func = be.func("gemv", name)?;
     let ctas = n.div_ceil(8);
     let warps = skinny_warps(k, ctas, tiles, max_warps, be.num_sms());
@@ -250,9 +307,9 @@ fn skinny(be: &CudaBackend, x: u64, w: u64, out: u64, m: usize, n: usize, k: usi
     };
     // SAFETY: the arguments match `gemv_m*` in gemv.cu (pointers, then M, N, K as int; n and
     // k were checked to fit, m to be within the kernel's rows, the block within its launch
-    // bound). The caller checked that x, w and out hold m * k, n * k and m * n bf16; x and w
-    // are 16-byte aligned and k % 8 == 0, as the kernel's 16-byte loads need. Block b writes
-    // only out[.., 8b..8b+8].
+    // bound). The caller checked that x, w and out hold m * k (m * 2k for gemv_m8_silu's
+    // gate_up), n * k and m * n bf16; x and w are 16-byte aligned and k % 8 == 0, as the
+    // kernel's 16-byte loads need. Block b writes only out[.., 8b..8b+8].
     unsafe { b.launch(cfg) }.map_err(|e| driver_err("gemm: skinny kernel launch", e))?;
     Ok(())
 }

@@ -159,6 +159,23 @@ pub fn device_count() -> Result<usize> {
         .unwrap_or_else(|_| Err(no_driver(0, "loading the CUDA driver library failed")))
 }
 
+/// Starts (`active`) or stops the data collection of an attached profiler (Nsight Compute or
+/// Systems started with `--profile-from-start off`) for the CUDA context current on this
+/// thread, the one a [`CudaBackend`] made on it binds. Without a profiler it does nothing.
+pub fn profiler_range(active: bool) -> Result<()> {
+    // SAFETY: plain driver calls without arguments; they act on the thread's current context
+    // and report an error code when there is none.
+    let code = unsafe {
+        if active {
+            cudarc::driver::sys::cuProfilerStart()
+        } else {
+            cudarc::driver::sys::cuProfilerStop()
+        }
+    };
+    code.result()
+        .map_err(|e| driver_err("profiler range (is a CUDA context current?)", e))
+}
+
 impl CudaBackend {
     /// Opens GPU `ordinal`: creates its context and a stream, loads every kernel module and
     /// creates the cuBLASLt handle. A machine without a driver or GPU gets an `Error::Cuda`
@@ -687,6 +704,30 @@ impl Backend for CudaBackend {
         }
         let (px, pw, po) = (self.dptr(x), self.dptr(w), self.dptr(out));
         gemm::gemm(self, px, pw, po, m, n, k)
+    }
+
+    fn silu_and_mul_gemm(
+        &self,
+        gate_up: &CudaBuf<bf16>,
+        w: &CudaBuf<bf16>,
+        m: usize,
+        n: usize,
+        inter: usize,
+        act: &mut CudaBuf<bf16>,
+        out: &mut CudaBuf<bf16>,
+    ) -> Result<()> {
+        const OP: &str = "silu_and_mul_gemm";
+        let mk = ops::numel(OP, "act", m, inter)?;
+        check_len(OP, "gate_up", gate_up, ops::numel(OP, "gate_up", mk, 2)?)?;
+        check_len(OP, "w", w, ops::numel(OP, "w", n, inter)?)?;
+        check_len(OP, "out", out, ops::numel(OP, "out", m, n)?)?;
+        check_len(OP, "act", act, mk)?;
+        let (pg, pw, po) = (self.dptr(gate_up), self.dptr(w), self.dptr(out));
+        if m > 0 && n > 0 && gemm::silu_gemm(self, pg, pw, po, m, n, inter)? {
+            return Ok(());
+        }
+        self.silu_and_mul(gate_up, m, inter, act)?;
+        self.gemm(act, w, m, n, inter, out)
     }
 
     fn prefill_attention(
