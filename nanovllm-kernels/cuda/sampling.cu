@@ -16,9 +16,14 @@
 //   win; and an element can only reach the best key b when ln(-ln u) <= l / T - b, so a draw
 //   below exp(-exp(gmax / T - b)) (gmax the group's largest logit) is skipped on its Philox
 //   word alone. With the best key shared through shared memory, a few elements per row are
-//   scored exactly. Groups that pass the logit bound are queued per warp and drawn 32 at a
-//   time, so that with a peaked distribution (a trained model's) only the few groups near the
-//   top run Philox, with every lane busy.
+//   scored exactly; each thread first scores the largest logit of its first group, so that
+//   the bounds skip from the first chunk on. Without a cut the logit bound is tested per half
+//   group (the 4 draws of one Philox call, max of the 4 logits), and a warp in which most
+//   lanes have a half to draw (a flat distribution: random weights) runs both Philox calls of
+//   every lane's group in place and tests the draw floor with one comparison per group; in
+//   sparser warps (and with a cut) the groups that pass are queued per warp and drawn 32 at
+//   a time, so that with a peaked distribution (a trained model's) only the few groups near
+//   the top run Philox, with every lane busy.
 // * T > 0 with top-k (k <= 512, top-p or not): the elements at or above a bound on the k-th
 //   largest logit (the k-th largest of the threads' maxima) are collected into shared memory
 //   in a second pass, ranked there, cut, and drawn (sample_collected). Top-p alone does the
@@ -127,22 +132,19 @@ struct Gumbel {
         return fmaxf(bk, float_of(*(volatile int*)best));
     }
 
-    // Draws the members (bits of `mask`) of the group of 8 logits `v` at element i0 (a
-    // multiple of 8) and folds them into the thread's (bk, bi). Each half of the group is one
-    // Philox call, made only when the mask has a member there; an element is scored exactly
-    // only when its word passes the draw floor of the best key known.
-    __device__ __forceinline__ void draw(int i0, uint32_t mask, const uint4& v, float& bk,
-                                         uint32_t& bi) const {
-        float gmax = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            if (mask >> j & 1u) gmax = fmaxf(gmax, elem(v, j));
-        const uint32_t g0 = (uint32_t)i0 >> 2;
-        const bool lo = (mask & 0x0fu) != 0u;
-        const uint4 wa = philox4(lo ? g0 : g0 + 1u, step, k0, k1);
-        uint4 wb = wa;
-        if (lo && (mask & 0xf0u)) wb = philox4(g0 + 1u, step, k0, k1);
+    // Folds the members (bits of `mask`) of the group of 8 logits `v` at element i0 (a
+    // multiple of 8) into the thread's (bk, bi), given the Philox words of its two halves
+    // (wa: elements i0 .. i0 + 3, wb: i0 + 4 .. i0 + 7; a half without members may hold
+    // anything) and gmax, the largest member logit (NaN as -inf). An element is scored
+    // exactly only when its word reaches the draw floor of the best key known; when no member
+    // word of the group does (nearly always), that takes one comparison.
+    __device__ __forceinline__ void settle(int i0, uint32_t mask, const uint4& v, const uint4& wa,
+                                           const uint4& wb, float gmax, float& bk,
+                                           uint32_t& bi) const {
         uint32_t min_word = draw_floor_word(gmax, inv_t, bound(bk));
+        const uint32_t ta = (mask & 0x0fu) ? max(max(wa.x, wa.y), max(wa.z, wa.w)) : 0u;
+        const uint32_t tb = (mask & 0xf0u) ? max(max(wb.x, wb.y), max(wb.z, wb.w)) : 0u;
+        if (mask == 0u || max(ta, tb) < min_word) return;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             if (!(mask >> j & 1u)) continue;
@@ -157,6 +159,22 @@ struct Gumbel {
                 min_word = draw_floor_word(gmax, inv_t, bound(bk));
             }
         }
+    }
+
+    // Draws the members (bits of `mask`) of the group of 8 logits `v` at element i0: each half
+    // of the group is one Philox call, made only when the mask has a member there.
+    __device__ __forceinline__ void draw(int i0, uint32_t mask, const uint4& v, float& bk,
+                                         uint32_t& bi) const {
+        float gmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            if (mask >> j & 1u) gmax = fmaxf(gmax, elem(v, j));
+        const uint32_t g0 = (uint32_t)i0 >> 2;
+        const bool lo = (mask & 0x0fu) != 0u;
+        const uint4 wa = philox4(lo ? g0 : g0 + 1u, step, k0, k1);
+        uint4 wb = wa;
+        if (lo && (mask & 0xf0u)) wb = philox4(g0 + 1u, step, k0, k1);
+        settle(i0, mask, v, wa, wb, gmax, bk, bi);
     }
 };
 
@@ -609,9 +627,9 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// The Gumbel-max over the candidates in [lo, hi) (lo a multiple of 8): with FILTERED, key >
-// t_key, or key == t_key and among the first r_tie such elements by index (all of them when
-// r_tie < 0); without, every element.
+// The Gumbel-max over the candidates in [lo, hi) (lo a multiple of 8) under a top-k / top-p
+// cut: key > t_key, or key == t_key and among the first r_tie such elements by index (all of
+// them when r_tie < 0).
 //
 // Thread tid takes the group of 8 elements [base + 8 tid, + 8) of each chunk of 8 * blockDim
 // (so ties count in index order with one block scan per chunk). With 16-byte rows the groups
@@ -620,7 +638,6 @@ __device__ __forceinline__ void cp_async_wait() {
 // logit skip threshold of the block's best key form a mask; a group with any is queued per
 // warp in shared memory, and the warp draws 32 queued groups at a time, one per lane
 // (Gumbel::draw, which reloads the group's logits).
-template <bool FILTERED>
 __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool vec,
                             const Gumbel& g, uint32_t t_key, int r_tie, float& bk, uint32_t& bi,
                             Smem& sm) {
@@ -654,7 +671,7 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
             cur = load8(row, i0, hi, false);
         }
         int rank = 0;
-        if (FILTERED && r_tie >= 0) {
+        if (r_tie >= 0) {
             int ties = 0;
 #pragma unroll
             for (int j = 0; j < 8; ++j) ties += (i0 + j < hi && order_key(elem(cur, j)) == t_key);
@@ -667,12 +684,9 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const float x = elem(cur, j);
-            bool member = i0 + j < hi;
-            if (FILTERED) {
-                const uint32_t key = order_key(x);
-                member = member && key >= t_key;
-                if (member && key == t_key && r_tie >= 0) member = rank++ < r_tie;
-            }
+            const uint32_t key = order_key(x);
+            bool member = i0 + j < hi && key >= t_key;
+            if (member && key == t_key && r_tie >= 0) member = rank++ < r_tie;
             if (member && x >= thr) mask |= 1u << j;
         }
         const uint32_t ballot = __ballot_sync(0xffffffffu, mask != 0u);
@@ -688,6 +702,124 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
             g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
             qn -= 32;
             __syncwarp();
+        }
+    }
+    cp_async_wait<0>();  // the ring's space is the histogram's again after the pass
+    __syncwarp();
+    if (lane < qn) g.draw(qi[lane], qm[lane], load8(row, qi[lane], hi, vec), bk, bi);
+}
+
+// Elementwise maximum of two bf16 pairs; a NaN yields the other operand.
+__device__ __forceinline__ uint32_t bf16x2_max(uint32_t a, uint32_t b) {
+    uint32_t r;
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+// The largest of the 4 logits in the words a and b, NaN ignored (NaN when all 4 are).
+__device__ __forceinline__ float quad_max(uint32_t a, uint32_t b) {
+    const uint32_t m = bf16x2_max(a, b);
+    return fmaxf(bf16_lo(m), bf16_hi(m));
+}
+
+// A warp draws its chunk in place (gumbel_pass_all) when at least this many of its lanes have
+// a group to draw; fewer are queued.
+#define DENSE_LANES 20
+
+// The Gumbel-max over every element of [lo, hi) (lo a multiple of 8), without a cut.
+//
+// The chunks, the ring and the per-warp queue are those of gumbel_pass. First every thread
+// scores the largest logit of its first group exactly, and the block's best key is shared
+// before the sweep, so that the bounds skip from the first chunk on. The members of a group
+// are its halves (4 elements, one Philox call) whose largest logit reaches the logit skip
+// threshold (a superset of the elements that can still win, which the exact tests below
+// narrow). A warp in which at least DENSE_LANES lanes have members (a flat distribution, or
+// the start of the row) draws in place: every lane runs both Philox calls of its group
+// straight from the registers it loaded, and settles them with one comparison against the
+// draw floor. Sparser warps queue their groups as gumbel_pass does (a peaked distribution,
+// where a few groups per row pass).
+__device__ void gumbel_pass_all(const bf16* __restrict__ row, int lo, int hi, bool vec,
+                                const Gumbel& g, float& bk, uint32_t& bi, Smem& sm) {
+    const int stride = blockDim.x * 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const uint32_t lanes_below = (1u << lane) - 1u;
+    int* qi = sm.queue_i0[warp];
+    uint8_t* qm = sm.queue_mask[warp];
+    int qn = 0;  // queued groups, the same in every lane of the warp
+    const int chunks = (hi - lo + stride - 1) / stride;
+    // This thread's group of chunk c is element lo + c * stride + 8 tid; its copy goes to
+    // ring slot c % STAGES (one commit group per chunk, empty past the end).
+    const bf16* src = row + lo + threadIdx.x * 8;
+    uint4* slots = &sm.hist.ring[0][threadIdx.x];
+    if (vec) {
+#pragma unroll
+        for (int c = 0; c < STAGES - 1; ++c) {
+            if (lo + c * stride + (int)threadIdx.x * 8 < hi)
+                cp_async16(slots + c * THREADS, src + c * stride);
+            cp_async_commit();
+        }
+    }
+    {
+        const int i0 = lo + threadIdx.x * 8;
+        if (i0 < hi) {
+            const uint4 v = load8(row, i0, hi, vec);
+            int jm = 0;
+            float xm = elem(v, 0);
+#pragma unroll
+            for (int j = 1; j < 8; ++j) {
+                const float x = elem(v, j);
+                if (i0 + j < hi && x > xm) {
+                    xm = x;
+                    jm = j;
+                }
+            }
+            const uint32_t i = (uint32_t)(i0 + jm);
+            const uint4 w = philox4(i >> 2, g.step, g.k0, g.k1);
+            better(gumbel_key(xm, g.t, word(w, (int)(i & 3u))), i, bk, bi);
+            atomicMax(g.best, ord_of(bk));
+        }
+        __syncthreads();
+    }
+    for (int c = 0; c < chunks; ++c) {
+        const int i0 = lo + c * stride + threadIdx.x * 8;
+        uint4 cur;
+        if (vec) {
+            // Chunk c + STAGES - 1 into the slot read in iteration c - 1.
+            if (i0 + (STAGES - 1) * stride < hi)
+                cp_async16(slots + ((c + STAGES - 1) % STAGES) * THREADS,
+                           src + (c + STAGES - 1) * stride);
+            cp_async_commit();
+            cp_async_wait<STAGES - 1>();
+            cur = slots[(c % STAGES) * THREADS];  // stale past hi, where the mask is empty
+        } else {
+            cur = load8(row, i0, hi, false);
+        }
+        const float thr = skip_threshold(g.bound(bk), g.t);
+        const float fa = quad_max(cur.x, cur.y), fb = quad_max(cur.z, cur.w);
+        uint32_t mask = (fa < thr ? 0u : 0x0fu) | (fb < thr ? 0u : 0xf0u);
+        if (i0 + 8 > hi) mask &= i0 < hi ? (1u << (hi - i0)) - 1u : 0u;
+        const uint32_t ballot = __ballot_sync(0xffffffffu, mask != 0u);
+        if (__popc(ballot) >= DENSE_LANES) {
+            const uint32_t g0 = (uint32_t)i0 >> 2;
+            const uint4 wa = philox4(g0, g.step, g.k0, g.k1);
+            const uint4 wb = philox4(g0 + 1u, g.step, g.k0, g.k1);
+            const float gmax =
+                fmaxf((mask & 0x0fu) ? fa : -INFINITY, (mask & 0xf0u) ? fb : -INFINITY);
+            g.settle(i0, mask, cur, wa, wb, gmax, bk, bi);
+        } else {
+            if (mask) {
+                const int pos = qn + __popc(ballot & lanes_below);
+                qi[pos] = i0;
+                qm[pos] = (uint8_t)mask;
+            }
+            qn += __popc(ballot);
+            if (qn >= 32) {  // draw 32 queued groups, one per lane
+                __syncwarp();
+                const int e = qn - 32 + lane;
+                g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
+                qn -= 32;
+                __syncwarp();
+            }
         }
     }
     cp_async_wait<0>();  // the ring's space is the histogram's again after the pass
@@ -751,7 +883,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     if (greedy) {
         for_each<4>(r, lo, hi, vec, [&](int i, float x) { better(x, (uint32_t)i, bk, bi); });
     } else if (!filtered) {
-        gumbel_pass<false>(r, lo, hi, vec, g, 0u, -1, bk, bi, sm);
+        gumbel_pass_all(r, lo, hi, vec, g, bk, bi, sm);
     } else if (split == 0) {
         const bool cut_k = k > 0 && k < vocab;
         const bool collected =
@@ -761,7 +893,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
             uint32_t t_key;
             int r_tie;
             select_candidates(r, vocab, vec, t, k, p, sm, t_key, r_tie);
-            gumbel_pass<true>(r, 0, vocab, vec, g, t_key, r_tie, bk, bi, sm);
+            gumbel_pass(r, 0, vocab, vec, g, t_key, r_tie, bk, bi, sm);
         }
     }
     block_argmax(bk, bi, sm);

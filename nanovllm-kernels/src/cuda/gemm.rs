@@ -243,9 +243,15 @@ pub(super) fn gemm(
 
 /// `Backend::silu_and_mul_gemm` fused into one skinny kernel (`gemv_m8_silu`), when it applies:
 /// at most 8 rows, the skinny kernels allowed for `m` by the policy, `k % 8 == 0`, 16-byte
-/// aligned operands, and `NANOVLLM_FUSED_SILU` not set to 0. Returns whether it queued the
-/// kernel; on false the caller runs silu_and_mul and gemm. The buffers are checked by the
-/// caller as for [`gemm`], `gate_up` holding `m * 2k` elements.
+/// aligned operands, a weight the kernel requests in one batch (see [`skinny_warps`]; Qwen3-0.6B's
+/// down projection is one, Qwen3-8B's is not), and `NANOVLLM_FUSED_SILU` not set to 0. Returns
+/// whether it queued the kernel; on false the caller runs silu_and_mul and gemm. The buffers are
+/// checked by the caller as for [`gemm`], `gate_up` holding `m * 2k` elements.
+///
+/// Why only one batch: the kernel computes the activation between a batch's loads and its
+/// products, so a CTA that loops over batches waits that long once per batch; on Qwen3-8B's
+/// down projection at tp 2 (N = 4096, K = 6144) it took twice the unfused kernel's time
+/// (H100, 2026-11-27).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn silu_gemm(
     be: &CudaBackend,
@@ -256,8 +262,15 @@ pub(super) fn silu_gemm(
     n: usize,
     k: usize,
 ) -> Result<bool> {
+    let (_, rows, tiles, max_warps) = SKINNY_SILU_KERNEL;
+    // skinny_warps' choice, without its clamp: one batch unless that takes more warps than the
+    // kernel has, or it would stream.
+    let batch_warps = k.div_ceil(32).div_ceil(tiles);
+    let one_batch =
+        batch_warps <= max_warps && !(batch_warps > 8 && n.div_ceil(8) >= 2 * be.num_sms());
     let fits = fused_silu_enabled()
-        && m <= SKINNY_SILU_KERNEL.1
+        && one_batch
+        && m <= rows
         && m <= be.blas.skinny_max_m.load(Ordering::Relaxed)
         && k.is_multiple_of(8)
         && gate_up.is_multiple_of(16)
