@@ -29,6 +29,19 @@ __device__ __forceinline__ float round_bf16(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
 }
 
+// 16 bytes of a weight: not kept in L1 (read once per CTA), the L2 fetching 256-byte blocks.
+// A coherent load (not ld.global.nc), so that ptxas keeps it where the source puts it; its SASS
+// form (LDG.E.NA.LTC256B) is the one scripts/check-pdl.sh allows before pdl_wait(): use it for
+// weights alone, which no kernel writes, so that a kernel can request them before it waits for
+// its predecessor (pdl.cuh).
+__device__ __forceinline__ uint4 ld_weight(const bf16* p) {
+    uint4 v;
+    asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
 // silu(g) * u as the MLP's activation computes it: silu(g) = g / (1 + exp(-g)) with the fast
 // exponential and division (flush-to-zero), rounded to bf16, times u. Written out in PTX so
 // that every file computes the same bits whatever its compile flags (activation.cu builds with

@@ -47,17 +47,8 @@ constexpr int ROWS = 8;          // output features per CTA (the mma's N)
 constexpr int KT = 32;           // k per tile: 4 lanes x 8 elements
 constexpr int RED_FLOAT4 = 1024; // shared-memory reduction buffer: 16 KB
 
-// 16 bytes of w: read once, so not kept in L1; the L2 fetches 256-byte blocks, which the
-// warp's next loads along the row use. A coherent load (not ld.global.nc): ptxas keeps coherent
-// loads on their side of pdl_wait(), so the first batch of w really is requested before the
-// wait (it moves .nc loads across it freely, see pdl.cuh).
-__device__ __forceinline__ uint4 ld_weight(const bf16* p) {
-    uint4 v;
-    asm volatile("ld.global.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
+// w comes in through ld_weight (common.cuh): not kept in L1, L2 fetches of 256 bytes (which the
+// warp's next loads along the row use), and allowed before pdl_wait().
 
 // 16 bytes of x: shared by every CTA, cached in L1.
 __device__ __forceinline__ uint4 ld_act(const bf16* p) {

@@ -23,33 +23,12 @@
 // max_position_embeddings; the engine never asks beyond it).
 #include "common.cuh"
 
-// Normalizes and rotates one head spread over `lanes` lanes, 8 elements per lane in `x`, in
-// place. `sub` is the lane's index within its head. Every lane of the warp must call it
-// together (the reductions and the rotation shuffle across lanes); a lane without a head to
-// work on passes null `w` and `cs` (its x should be zeros) and ignores the result.
-__device__ __forceinline__ void norm_rope8(float (&x)[8], const bf16* __restrict__ w,
-                                           const float* __restrict__ cs, int sub, int lanes,
-                                           int head_dim, float eps) {
+// The lane's 8 cos and 8 sin values for its elements of a head (`sub`: its index within the
+// head), from the cos/sin row `cs` of the token's position; zeros when `cs` is null.
+__device__ __forceinline__ void load_cos_sin(const float* __restrict__ cs, int sub, int head_dim,
+                                             float (&cosv)[8], float (&sinv)[8]) {
     const int half = head_dim >> 1;
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) ss += x[k] * x[k];
-    for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float inv = rsqrtf(ss / (float)head_dim + eps);
-
-    float wv[8];
-    if (w != nullptr) {
-        unpack8(ld16(w + sub * 8), wv);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) wv[k] = 0.f;
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = round_bf16(round_bf16(x[k] * inv) * wv[k]);
-
-    const bool first = sub * 8 < half;
-    const int c = first ? sub * 8 : sub * 8 - half;  // index into the cos and sin halves
-    float cosv[8], sinv[8];
+    const int c = sub * 8 < half ? sub * 8 : sub * 8 - half;  // index into the cos and sin halves
     if (cs != nullptr) {
         const float4 c0 = *reinterpret_cast<const float4*>(cs + c);
         const float4 c1 = *reinterpret_cast<const float4*>(cs + c + 4);
@@ -63,6 +42,31 @@ __device__ __forceinline__ void norm_rope8(float (&x)[8], const bf16* __restrict
 #pragma unroll
         for (int k = 0; k < 8; ++k) cosv[k] = sinv[k] = 0.f;
     }
+}
+
+// Normalizes and rotates one head spread over `lanes` lanes, 8 elements per lane in `x`, in
+// place, with the lane's 8 elements of the norm weight `w` (16 bytes as loaded) and its cos
+// and sin values (load_cos_sin). `sub` is the lane's index within its head. Every lane of the
+// warp must call it together (the reductions and the rotation shuffle across lanes); a lane
+// without a head to work on passes zeros everywhere and ignores the result. Its inputs come
+// in as arguments so that the kernels request them before the reductions: the weight before
+// waiting for the previous kernel, the cos/sin values together with the row.
+__device__ __forceinline__ void norm_rope8(float (&x)[8], const uint4& w, const float (&cosv)[8],
+                                           const float (&sinv)[8], int sub, int lanes,
+                                           int head_dim, float eps) {
+    const int half = head_dim >> 1;
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += x[k] * x[k];
+    for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float inv = rsqrtf(ss / (float)head_dim + eps);
+
+    float wv[8];
+    unpack8(w, wv);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = round_bf16(round_bf16(x[k] * inv) * wv[k]);
+
+    const bool first = sub * 8 < half;
     float y[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -74,21 +78,31 @@ __device__ __forceinline__ void norm_rope8(float (&x)[8], const bf16* __restrict
     for (int k = 0; k < 8; ++k) x[k] = y[k];
 }
 
-// The cos/sin row of token `token`'s position, clamped into the table.
+// The cos/sin row of token `token`'s position, clamped into the table. `positions` (and
+// `slot_mapping`) are not __restrict__: ptxas moves the ld.global.nc loads that makes of them
+// above pdl_wait(), and only weights may be read there (pdl.cuh).
 __device__ __forceinline__ const float* cos_sin_row(const float* __restrict__ cos_sin,
-                                                    const int* __restrict__ positions, int token,
+                                                    const int* positions, int token,
                                                     int head_dim, int max_position) {
     const int pos = min(max(positions[token], 0), max_position - 1);
     return cos_sin + (size_t)pos * head_dim;
+}
+
+// The lane's 16 bytes of the norm weight of its head (q_norm for q heads, k_norm for k heads),
+// requested before the kernel waits for its predecessor (no kernel writes weights; pdl.cuh);
+// zeros for a lane without a q or k head.
+__device__ __forceinline__ uint4 norm_weight(bool rope, bool is_q, const bf16* __restrict__ q_norm,
+                                             const bf16* __restrict__ k_norm, int sub) {
+    return rope ? ld_weight((is_q ? q_norm : k_norm) + sub * 8) : make_uint4(0u, 0u, 0u, 0u);
 }
 
 extern "C" __global__ void qk_norm_rope(bf16* __restrict__ qkv, int n, int qkv_width,
                                         int num_heads, int num_kv_heads, int head_dim,
                                         const bf16* __restrict__ q_norm,
                                         const bf16* __restrict__ k_norm, float eps,
-                                        const int* __restrict__ positions,
+                                        const int* positions,
                                         const float* __restrict__ cos_sin, int max_position) {
-    pdl_begin();
+    pdl_launch_dependents();
     const int lanes = head_dim >> 3;  // lanes per head: a power of two in 2..32
     const int lane = threadIdx.x & 31;
     const int sub = lane & (lanes - 1);  // lane within the head
@@ -100,18 +114,19 @@ extern "C" __global__ void qk_norm_rope(bf16* __restrict__ qkv, int n, int qkv_w
     const int token = valid ? (int)(task / heads_per_row) : 0;
     const int head = valid ? (int)(task % heads_per_row) : 0;
     bf16* p = qkv + (size_t)token * qkv_width + (size_t)head * head_dim + sub * 8;
+    const uint4 w = norm_weight(valid, head < num_heads, q_norm, k_norm, sub);
+    pdl_wait();
 
-    float x[8];
+    float x[8], cosv[8], sinv[8];
     if (valid) {
         unpack8(ld16(p), x);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) x[k] = 0.f;
     }
-    const bf16* w = valid ? (head < num_heads ? q_norm : k_norm) : nullptr;
-    const float* cs =
-        valid ? cos_sin_row(cos_sin, positions, token, head_dim, max_position) : nullptr;
-    norm_rope8(x, w, cs, sub, lanes, head_dim, eps);
+    load_cos_sin(valid ? cos_sin_row(cos_sin, positions, token, head_dim, max_position) : nullptr,
+                 sub, head_dim, cosv, sinv);
+    norm_rope8(x, w, cosv, sinv, sub, lanes, head_dim, eps);
     if (valid) st16(p, pack8(x));
 }
 
@@ -124,10 +139,10 @@ extern "C" __global__ void qk_norm_rope(bf16* __restrict__ qkv, int n, int qkv_w
 extern "C" __global__ void qk_norm_rope_store(
     bf16* __restrict__ qkv, int n, int qkv_width, int num_heads, int num_kv_heads, int head_dim,
     const bf16* __restrict__ q_norm, const bf16* __restrict__ k_norm, float eps,
-    const int* __restrict__ positions, const float* __restrict__ cos_sin, int max_position,
-    const int* __restrict__ slot_mapping, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+    const int* positions, const float* __restrict__ cos_sin, int max_position,
+    const int* slot_mapping, bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
     long long num_slots) {
-    pdl_begin();
+    pdl_launch_dependents();
     const int lanes = head_dim >> 3;
     const int lane = threadIdx.x & 31;
     const int sub = lane & (lanes - 1);
@@ -140,38 +155,42 @@ extern "C" __global__ void qk_norm_rope_store(
     const int token = valid ? (int)(task / heads_per_row) : 0;
     const int head = valid ? (int)(task % heads_per_row) : 0;
     const bool is_v = head >= v_start;
+    const bool rope = valid && !is_v;
     bf16* p = qkv + (size_t)token * qkv_width + (size_t)head * head_dim + sub * 8;
+    const uint4 w = norm_weight(rope, head < num_heads, q_norm, k_norm, sub);
+    pdl_wait();
+    // Every load this lane needs, unconditional (an idle lane reads token 0, head 0, which
+    // exist: n >= 1) and in one basic block, so that they go out together: its 16 bytes of
+    // the row, its token's slot and position; then the position's cos/sin values. Two memory
+    // latencies after the wait (the weight came before it).
+    const uint4 row = ld16(p);
+    const int slot_of_token = slot_mapping[token];
+    const int pos = min(max(positions[token], 0), max_position - 1);
 
+    const uint4 raw = valid ? row : make_uint4(0u, 0u, 0u, 0u);
+    const int slot = valid && head >= num_heads ? slot_of_token : -1;
+    float x[8], cosv[8], sinv[8];
+    load_cos_sin(rope ? cos_sin + (size_t)pos * head_dim : nullptr, sub, head_dim, cosv, sinv);
     // The cache row offset of this k or v head, or -1 when nothing is stored.
     long long dst = -1;
-    if (valid && head >= num_heads) {
-        const int slot = slot_mapping[token];
-        if (slot >= 0 && slot < num_slots) {
-            const int kv_head = is_v ? head - v_start : head - num_heads;
-            dst = (long long)slot * kv_width + (long long)kv_head * head_dim + sub * 8;
-        }
+    if (slot >= 0 && slot < num_slots) {
+        const int kv_head = is_v ? head - v_start : head - num_heads;
+        dst = (long long)slot * kv_width + (long long)kv_head * head_dim + sub * 8;
     }
 
     // A warp of v heads (and idle lanes) only copies: it skips the shuffles as a whole.
     if (__all_sync(0xffffffffu, !valid || is_v)) {
-        if (dst >= 0) st16(v_cache + dst, ld16_stream(p));
+        if (dst >= 0) st16(v_cache + dst, raw);
         return;
     }
     // Mixed warps: v lanes take part in the shuffles with zeros, like idle lanes.
-    const bool rope = valid && !is_v;
-    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
-    if (valid) raw = is_v ? ld16_stream(p) : ld16(p);
-    float x[8];
     if (rope) {
         unpack8(raw, x);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) x[k] = 0.f;
     }
-    const bf16* w = rope ? (head < num_heads ? q_norm : k_norm) : nullptr;
-    const float* cs =
-        rope ? cos_sin_row(cos_sin, positions, token, head_dim, max_position) : nullptr;
-    norm_rope8(x, w, cs, sub, lanes, head_dim, eps);
+    norm_rope8(x, w, cosv, sinv, sub, lanes, head_dim, eps);
     if (rope) {
         const uint4 y = pack8(x);
         st16(p, y);
