@@ -627,6 +627,47 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// A warp's queue of groups to draw (shared memory, one per warp): lanes with a group push it
+// (i0 and member mask) in lane order; every 32 groups the warp draws them, one per lane
+// (Gumbel::draw, which reloads the group's logits). `qn` is the same in every lane.
+struct WarpQueue {
+    int* qi;
+    uint8_t* qm;
+    int qn;
+    int lane;
+    uint32_t lanes_below;
+
+    __device__ __forceinline__ WarpQueue(Smem& sm, int warp, int lane_)
+        : qi(sm.queue_i0[warp]), qm(sm.queue_mask[warp]), qn(0), lane(lane_),
+          lanes_below((1u << lane_) - 1u) {}
+
+    // Every lane calls it with its group (mask 0: none) and the warp's ballot of mask != 0.
+    __device__ __forceinline__ void push(int i0, uint32_t mask, uint32_t ballot,
+                                         const bf16* __restrict__ row, int hi, bool vec,
+                                         const Gumbel& g, float& bk, uint32_t& bi) {
+        if (mask) {
+            const int pos = qn + __popc(ballot & lanes_below);
+            qi[pos] = i0;
+            qm[pos] = (uint8_t)mask;
+        }
+        qn += __popc(ballot);
+        if (qn >= 32) {  // draw 32 queued groups, one per lane
+            __syncwarp();
+            const int e = qn - 32 + lane;
+            g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
+            qn -= 32;
+            __syncwarp();
+        }
+    }
+
+    // The groups left at the end of a pass.
+    __device__ __forceinline__ void drain(const bf16* __restrict__ row, int hi, bool vec,
+                                          const Gumbel& g, float& bk, uint32_t& bi) {
+        __syncwarp();
+        if (lane < qn) g.draw(qi[lane], qm[lane], load8(row, qi[lane], hi, vec), bk, bi);
+    }
+};
+
 // The Gumbel-max over the candidates in [lo, hi) (lo a multiple of 8) under a top-k / top-p
 // cut: key > t_key, or key == t_key and among the first r_tie such elements by index (all of
 // them when r_tie < 0).
@@ -643,10 +684,7 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
                             Smem& sm) {
     const int stride = blockDim.x * 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t lanes_below = (1u << lane) - 1u;
-    int* qi = sm.queue_i0[warp];
-    uint8_t* qm = sm.queue_mask[warp];
-    int qn = 0;  // queued groups, the same in every lane of the warp
+    WarpQueue queue(sm, warp, lane);
     int running = 0;
     const int chunks = (hi - lo + stride - 1) / stride;
     // Starts the copy of this thread's group of chunk c (one commit group, empty past the end).
@@ -690,23 +728,10 @@ __device__ void gumbel_pass(const bf16* __restrict__ row, int lo, int hi, bool v
             if (member && x >= thr) mask |= 1u << j;
         }
         const uint32_t ballot = __ballot_sync(0xffffffffu, mask != 0u);
-        if (mask) {
-            const int pos = qn + __popc(ballot & lanes_below);
-            qi[pos] = i0;
-            qm[pos] = (uint8_t)mask;
-        }
-        qn += __popc(ballot);
-        if (qn >= 32) {  // draw 32 queued groups, one per lane
-            __syncwarp();
-            const int e = qn - 32 + lane;
-            g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
-            qn -= 32;
-            __syncwarp();
-        }
+        queue.push(i0, mask, ballot, row, hi, vec, g, bk, bi);
     }
     cp_async_wait<0>();  // the ring's space is the histogram's again after the pass
-    __syncwarp();
-    if (lane < qn) g.draw(qi[lane], qm[lane], load8(row, qi[lane], hi, vec), bk, bi);
+    queue.drain(row, hi, vec, g, bk, bi);
 }
 
 // Elementwise maximum of two bf16 pairs; a NaN yields the other operand.
@@ -742,10 +767,7 @@ __device__ void gumbel_pass_all(const bf16* __restrict__ row, int lo, int hi, bo
                                 const Gumbel& g, float& bk, uint32_t& bi, Smem& sm) {
     const int stride = blockDim.x * 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const uint32_t lanes_below = (1u << lane) - 1u;
-    int* qi = sm.queue_i0[warp];
-    uint8_t* qm = sm.queue_mask[warp];
-    int qn = 0;  // queued groups, the same in every lane of the warp
+    WarpQueue queue(sm, warp, lane);
     const int chunks = (hi - lo + stride - 1) / stride;
     // This thread's group of chunk c is element lo + c * stride + 8 tid; its copy goes to
     // ring slot c % STAGES (one commit group per chunk, empty past the end).
@@ -807,24 +829,11 @@ __device__ void gumbel_pass_all(const bf16* __restrict__ row, int lo, int hi, bo
                 fmaxf((mask & 0x0fu) ? fa : -INFINITY, (mask & 0xf0u) ? fb : -INFINITY);
             g.settle(i0, mask, cur, wa, wb, gmax, bk, bi);
         } else {
-            if (mask) {
-                const int pos = qn + __popc(ballot & lanes_below);
-                qi[pos] = i0;
-                qm[pos] = (uint8_t)mask;
-            }
-            qn += __popc(ballot);
-            if (qn >= 32) {  // draw 32 queued groups, one per lane
-                __syncwarp();
-                const int e = qn - 32 + lane;
-                g.draw(qi[e], qm[e], load8(row, qi[e], hi, vec), bk, bi);
-                qn -= 32;
-                __syncwarp();
-            }
+            queue.push(i0, mask, ballot, row, hi, vec, g, bk, bi);
         }
     }
     cp_async_wait<0>();  // the ring's space is the histogram's again after the pass
-    __syncwarp();
-    if (lane < qn) g.draw(qi[lane], qm[lane], load8(row, qi[lane], hi, vec), bk, bi);
+    queue.drain(row, hi, vec, g, bk, bi);
 }
 
 // Block-wide (max key, lowest index on ties); thread 0 gets the result.
