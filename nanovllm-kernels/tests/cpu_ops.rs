@@ -452,6 +452,43 @@ fn qk_norm_rope_matches_reference() {
     );
 }
 
+// ---------------------------------------------------------------- silu_and_mul_gemm
+
+#[test]
+fn silu_and_mul_gemm_matches_reference() {
+    // The MLP's activation and down projection in one call: out = (silu(gate) * up) . w^T.
+    let mut r = rng(8);
+    for &(m, n, k) in &[(1, 64, 96), (4, 33, 100), (9, 128, 64)] {
+        let gu = rand_bf16(&mut r, m * 2 * k, 4.0);
+        let w = rand_bf16(&mut r, n * k, 0.1);
+        let mut want = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f64;
+                for p in 0..k {
+                    let g = f(gu[i * 2 * k + p]);
+                    let u = f(gu[i * 2 * k + k + p]);
+                    acc += g / (1.0 + (-g).exp()) * u * f(w[j * k + p]);
+                }
+                want[i * n + j] = acc;
+            }
+        }
+        for be in backends() {
+            let mut act = buf(&vec![bf16::from_f32(3.0); m * k]);
+            let mut out = buf(&vec![bf16::from_f32(3.0); m * n]);
+            be.silu_and_mul_gemm(&buf(&gu), &buf(&w), m, n, k, &mut act, &mut out)
+                .unwrap();
+            assert_rows_close(
+                &format!("silu_and_mul_gemm {m}x{n}x{k} on {}", be.name()),
+                out.as_slice(),
+                &want,
+                n,
+                2e-2,
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- gemm
 
 #[test]
