@@ -64,6 +64,9 @@ struct StepBuffers<B: Backend> {
     steps: B::Buf<u32>,
 }
 
+/// Input arrays of a step command ([`HostInputs::as_bytes`]).
+const STEP_ARRAYS: usize = 13;
+
 /// The same inputs on the host, reused from step to step.
 #[derive(Debug, Default, PartialEq)]
 struct HostInputs {
@@ -109,9 +112,9 @@ impl HostInputs {
     }
 
     /// The inputs as plain bytes, in the order [`HostInputs::take_call`] reads them.
-    fn as_bytes(&self) -> Vec<&[u8]> {
+    fn as_bytes(&self) -> [&[u8]; STEP_ARRAYS] {
         use bytemuck::cast_slice as b;
-        vec![
+        [
             b(&self.input_ids),
             b(&self.positions),
             b(&self.slot_mapping),
@@ -128,28 +131,29 @@ impl HostInputs {
         ]
     }
 
-    /// Takes the inputs of a command from rank 0; returns the batch's shape.
+    /// Takes the inputs of a command from rank 0 into the vectors of the previous step (no
+    /// allocation once they are large enough); returns the batch's shape.
     fn take_call(&mut self, call: &StepCall<'_>) -> Result<BatchShape> {
-        if call.arrays.len() != 13 {
+        if call.arrays.len() != STEP_ARRAYS {
             return Err(Error::Worker(format!(
-                "step command with {} input arrays, expected 13",
+                "step command with {} input arrays, expected {STEP_ARRAYS}",
                 call.arrays.len()
             )));
         }
         let a = &call.arrays;
-        self.input_ids = pod_vec(a[0])?;
-        self.positions = pod_vec(a[1])?;
-        self.slot_mapping = pod_vec(a[2])?;
-        self.cu_seqlens_q = pod_vec(a[3])?;
-        self.cu_seqlens_k = pod_vec(a[4])?;
-        self.context_lens = pod_vec(a[5])?;
-        self.block_tables = pod_vec(a[6])?;
-        self.logits_indices = pod_vec(a[7])?;
-        self.temperatures = pod_vec(a[8])?;
-        self.top_k = pod_vec(a[9])?;
-        self.top_p = pod_vec(a[10])?;
-        self.seeds = pod_vec(a[11])?;
-        self.steps = pod_vec(a[12])?;
+        fill_pod(&mut self.input_ids, a[0])?;
+        fill_pod(&mut self.positions, a[1])?;
+        fill_pod(&mut self.slot_mapping, a[2])?;
+        fill_pod(&mut self.cu_seqlens_q, a[3])?;
+        fill_pod(&mut self.cu_seqlens_k, a[4])?;
+        fill_pod(&mut self.context_lens, a[5])?;
+        fill_pod(&mut self.block_tables, a[6])?;
+        fill_pod(&mut self.logits_indices, a[7])?;
+        fill_pod(&mut self.temperatures, a[8])?;
+        fill_pod(&mut self.top_k, a[9])?;
+        fill_pod(&mut self.top_p, a[10])?;
+        fill_pod(&mut self.seeds, a[11])?;
+        fill_pod(&mut self.steps, a[12])?;
         let [num_tokens, num_seqs, max_seqlen_q, max_seqlen_k, num_logits] =
             call.shape.map(|v| v as usize);
         Ok(BatchShape {
@@ -408,7 +412,7 @@ impl<B: Backend> ModelRunner<B> {
                     shape.max_seqlen_k as u64,
                     shape.num_logits as u64,
                 ],
-                arrays: self.host.as_bytes(),
+                arrays: self.host.as_bytes().to_vec(),
             });
             call.encode_into(&mut self.call_buf);
             w.send(&self.call_buf)?;
@@ -818,16 +822,20 @@ impl<B: Backend> StepRunner for ModelRunner<B> {
     }
 }
 
-/// A vector of `T` from plain bytes; an error when they are not a whole number of `T`.
-fn pod_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Result<Vec<T>> {
-    if !bytes.len().is_multiple_of(std::mem::size_of::<T>()) {
+/// `dst` = the `T`s in plain bytes (reusing its allocation); an error when they are not a
+/// whole number of `T`.
+fn fill_pod<T: bytemuck::Pod>(dst: &mut Vec<T>, bytes: &[u8]) -> Result<()> {
+    let size = std::mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) {
         return Err(Error::Worker(format!(
-            "step command array of {} bytes is not a whole number of {}-byte elements",
-            bytes.len(),
-            std::mem::size_of::<T>()
+            "step command array of {} bytes is not a whole number of {size}-byte elements",
+            bytes.len()
         )));
     }
-    Ok(bytemuck::pod_collect_to_vec(bytes))
+    dst.clear();
+    dst.resize(bytes.len() / size, T::zeroed());
+    bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(bytes);
+    Ok(())
 }
 
 /// The cache slot of token `pos` of a sequence with `block_table`.
@@ -901,7 +909,7 @@ mod tests {
         let call = Call::Step(StepCall {
             kind: StepKind::Prefill,
             shape: [3, 2, 2, 9, 2],
-            arrays: h.as_bytes(),
+            arrays: h.as_bytes().to_vec(),
         });
         let bytes = call.encode();
         let Call::Step(call) = Call::decode(&bytes).unwrap() else {

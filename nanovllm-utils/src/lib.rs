@@ -22,3 +22,32 @@ pub mod weights;
 pub use config::{EngineConfig, GenerationConfig, ModelConfig};
 pub use error::{Error, Result};
 pub use weights::Weights;
+
+/// An on/off switch from the environment variable `name`: `default` when it is unset or empty,
+/// off when it is `0`, on for any other value. Every `NANOVLLM_*` switch reads this way.
+pub fn env_switch(name: &str, default: bool) -> bool {
+    parse_switch(std::env::var(name).ok().as_deref(), default)
+}
+
+fn parse_switch(value: Option<&str>, default: bool) -> bool {
+    match value.map(str::trim) {
+        None | Some("") => default,
+        Some(v) => v != "0",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_switch;
+
+    #[test]
+    fn switches_read_unset_and_empty_as_the_default_and_0_as_off() {
+        for default in [false, true] {
+            assert_eq!(parse_switch(None, default), default);
+            assert_eq!(parse_switch(Some(""), default), default);
+            assert!(!parse_switch(Some("0"), default));
+            assert!(!parse_switch(Some(" 0 "), default));
+            assert!(parse_switch(Some("1"), default));
+        }
+    }
+}

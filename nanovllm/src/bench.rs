@@ -173,10 +173,10 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
     Ok(())
 }
 
-/// Whether `NANOVLLM_PROFILE_DECODE` (set, and not "0") asks for the decode steps to be
+/// Whether `NANOVLLM_PROFILE_DECODE` (set to anything but 0) asks for the decode steps to be
 /// bracketed for a profiler (scripts/gpu/profile.sh).
 fn profile_decode_requested() -> bool {
-    std::env::var_os("NANOVLLM_PROFILE_DECODE").is_some_and(|v| v != "0")
+    nanovllm_utils::env_switch("NANOVLLM_PROFILE_DECODE", false)
 }
 
 /// The timed run for a profiler started with `--profile-from-start off`: the requests are

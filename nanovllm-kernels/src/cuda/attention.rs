@@ -389,11 +389,11 @@ pub(crate) fn decode_attention(
 }
 
 /// Whether the last split CTA of decode attention combines the splits itself instead of a
-/// separate reduce kernel: `NANOVLLM_ATTN_FUSED_REDUCE=1`. Off by default until it has been
-/// checked (op_check) and timed on a GPU.
+/// separate reduce kernel: `NANOVLLM_ATTN_FUSED_REDUCE=1`. Off by default: it passes op_check
+/// but measured no faster on an H100 (docs/perf-notes.md).
 fn fused_split_reduce() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("NANOVLLM_ATTN_FUSED_REDUCE").is_ok_and(|v| v.trim() == "1"))
+    *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_FUSED_REDUCE", false))
 }
 
 /// Varlen causal prefill attention over the paged cache; see [`crate::Backend::prefill_attention`].

@@ -34,9 +34,6 @@ const BLOCKS: u32 = 128;
 const SMALL_BLOCKS: u32 = 8;
 /// Threads per block of both kernels (`AR_THREADS` in custom_ar.cu).
 const THREADS: u32 = 512;
-/// 16-byte vectors per thread and row of `add_rms_norm` (`AR_VPT` in custom_ar.cu, `VPT` in
-/// norm.cu).
-const NORM_VPT: usize = 4;
 /// Widest rows `ar_add_rms_norm` takes: 8 bf16 times `AR_CHUNK` in custom_ar.cu.
 const MAX_FUSED_HIDDEN: usize = 8 * 2 * THREADS as usize;
 /// Bytes of each lane's flags: one u32 per block and rank.
@@ -293,10 +290,7 @@ impl CustomAllReduce {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "custom all_reduce_add_rms_norm";
-        let len = super::ops::numel(OP, "x", n, hidden)?;
-        super::check_len(OP, "x", x, len)?;
-        super::check_len(OP, "residual", residual, len)?;
-        super::check_len(OP, "weight", weight, hidden)?;
+        let len = super::ops::check_add_rms_norm(OP, x, residual, weight, n, hidden)?;
         let nt = norm_threads(hidden)
             .filter(|_| len <= CAPACITY)
             .ok_or_else(|| {
@@ -355,12 +349,9 @@ struct Lane<'s> {
 /// are not fused (`add_rms_norm` would not take its vector path, or the rows are wider than the
 /// fused kernel's chunk).
 fn norm_threads(hidden: usize) -> Option<i32> {
-    if hidden == 0 || !hidden.is_multiple_of(8) || hidden > MAX_FUSED_HIDDEN {
-        return None;
-    }
-    // ops.rs: (hidden / 8).div_ceil(VPT).div_ceil(32).clamp(1, 32) * 32 when
-    // hidden / 8 <= VPT * 1024 (then the kernel takes its vector path).
-    Some((hidden / 8).div_ceil(NORM_VPT).div_ceil(32) as i32 * 32)
+    // Rows this narrow are always on add_rms_norm's vector path (hidden / 8 <= VPT * 1024).
+    (hidden != 0 && hidden.is_multiple_of(8) && hidden <= MAX_FUSED_HIDDEN)
+        .then(|| super::ops::norm_threads(hidden) as i32)
 }
 
 impl Drop for CustomAllReduce {
@@ -401,6 +392,10 @@ fn host_flag() -> Result<(*mut u32, CUdeviceptr)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 16-byte vectors per thread and row of `add_rms_norm` (`AR_VPT` in custom_ar.cu, `VPT`
+    /// in norm.cu).
+    const NORM_VPT: usize = 4;
 
     /// The fused kernel sums like add_rms_norm's block (ops.rs `norm_threads`), and only
     /// takes rows of 16-byte vectors that fit its chunk.

@@ -223,13 +223,7 @@ pub(super) fn gemm(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    let fits = m <= be.blas.skinny_max_m.load(Ordering::Relaxed)
-        && k.is_multiple_of(8)
-        && x.is_multiple_of(16)
-        && w.is_multiple_of(16)
-        && i32::try_from(n).is_ok()
-        && i32::try_from(k).is_ok();
-    if fits {
+    if skinny_fits(be, m, x, w, n, k, k) {
         let kernel = SKINNY_KERNELS
             .iter()
             .find(|kernel| m <= kernel.1)
@@ -263,20 +257,14 @@ pub(super) fn silu_gemm(
     k: usize,
 ) -> Result<bool> {
     let (_, rows, tiles, max_warps) = SKINNY_SILU_KERNEL;
-    // skinny_warps' choice, without its clamp: one batch unless that takes more warps than the
-    // kernel has, or it would stream.
-    let batch_warps = k.div_ceil(32).div_ceil(tiles);
-    let one_batch =
-        batch_warps <= max_warps && !(batch_warps > 8 && n.div_ceil(8) >= 2 * be.num_sms());
+    // skinny_warps' choice is one batch: it needs no more warps than the kernel has, and
+    // does not stream.
+    let warps = one_batch_warps(k, tiles);
+    let one_batch = warps <= max_warps && !streams(warps, n.div_ceil(8), be.num_sms());
     let fits = fused_silu_enabled()
         && one_batch
         && m <= rows
-        && m <= be.blas.skinny_max_m.load(Ordering::Relaxed)
-        && k.is_multiple_of(8)
-        && gate_up.is_multiple_of(16)
-        && w.is_multiple_of(16)
-        && i32::try_from(n).is_ok()
-        && i32::try_from(2 * k).is_ok();
+        && skinny_fits(be, m, gate_up, w, n, k, 2 * k);
     if fits {
         skinny(be, SKINNY_SILU_KERNEL, gate_up, w, out, m, n, k)?;
     }
@@ -287,7 +275,7 @@ pub(super) fn silu_gemm(
 /// the environment sets `NANOVLLM_FUSED_SILU=0` (read once per process; for A/B timing).
 fn fused_silu_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("NANOVLLM_FUSED_SILU").map_or(true, |v| v.trim() != "0"))
+    *ENABLED.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_FUSED_SILU", true))
 }
 
 /// Queues skinny `kernel` (an entry of [`SKINNY_KERNELS`] or [`SKINNY_SILU_KERNEL`], taking
@@ -334,12 +322,43 @@ fn skinny(
 /// load, wait, reduce; 4-warp CTAs that loop over their share instead fit several per SM and
 /// keep the loads of some in flight while others reduce.
 fn skinny_warps(k: usize, ctas: usize, tiles: usize, max_warps: usize, sms: usize) -> usize {
-    let one_batch = k.div_ceil(32).div_ceil(tiles).clamp(1, max_warps);
-    if one_batch > 8 && ctas >= 2 * sms {
+    let one_batch = one_batch_warps(k, tiles).clamp(1, max_warps);
+    if streams(one_batch, ctas, sms) {
         STREAM_WARPS
     } else {
         one_batch
     }
+}
+
+/// Warps that request K = `k` in one batch of `tiles` k tiles of 32 per thread.
+fn one_batch_warps(k: usize, tiles: usize) -> usize {
+    k.div_ceil(32).div_ceil(tiles)
+}
+
+/// Whether CTAs of `warps` warps give way to 4-warp CTAs that loop over batches (see
+/// [`skinny_warps`]).
+fn streams(warps: usize, ctas: usize, sms: usize) -> bool {
+    warps > 8 && ctas >= 2 * sms
+}
+
+/// Whether the skinny kernels take an `m`-row product with these operands under the current
+/// policy: `m` within `skinny_max_m`, `k % 8 == 0`, 16-byte aligned x and w (the kernels'
+/// 16-byte loads), and N and the x row width `x_width` fitting the kernels' ints.
+fn skinny_fits(
+    be: &CudaBackend,
+    m: usize,
+    x: u64,
+    w: u64,
+    n: usize,
+    k: usize,
+    x_width: usize,
+) -> bool {
+    m <= be.blas.skinny_max_m.load(Ordering::Relaxed)
+        && k.is_multiple_of(8)
+        && x.is_multiple_of(16)
+        && w.is_multiple_of(16)
+        && i32::try_from(n).is_ok()
+        && i32::try_from(x_width).is_ok()
 }
 
 impl CudaBackend {

@@ -36,7 +36,7 @@ compile_error!("kernel arguments are passed in little-endian 64-bit slots");
 /// sets `NANOVLLM_PDL=0` (read once per process).
 pub fn pdl_enabled() -> bool {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("NANOVLLM_PDL").map_or(true, |v| v.trim() != "0"))
+    *ENABLED.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_PDL", true))
 }
 
 /// Most arguments a kernel of this crate takes (the decode attention kernels take 18).

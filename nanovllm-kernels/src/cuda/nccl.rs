@@ -114,7 +114,7 @@ impl NcclComm {
             size,
             custom: None,
         };
-        let wanted = std::env::var("NANOVLLM_CUSTOM_ALLREDUCE").map_or(true, |v| v != "0");
+        let wanted = nanovllm_utils::env_switch("NANOVLLM_CUSTOM_ALLREDUCE", true);
         if wanted && size > 1 {
             nccl.custom = nccl.setup_custom(be)?;
         }

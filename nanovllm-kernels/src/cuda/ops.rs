@@ -54,8 +54,9 @@ fn launch_err(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> E
 }
 
 /// Threads per row of the RMSNorm kernels: enough for VPT = 4 vectors of 8 elements each
-/// (`VPT` in norm.cu), a whole number of warps; 256 on the scalar path.
-fn norm_threads(hidden: usize) -> u32 {
+/// (`VPT` in norm.cu), a whole number of warps; 256 on the scalar path. The fused all-reduce +
+/// add-norm of custom_ar.cu sums in the same groups of threads.
+pub(super) fn norm_threads(hidden: usize) -> u32 {
     const VPT: usize = 4;
     if hidden.is_multiple_of(8) && hidden / 8 <= VPT * 1024 {
         (hidden / 8).div_ceil(VPT).div_ceil(32).clamp(1, 32) as u32 * 32
@@ -163,6 +164,24 @@ pub(super) fn rms_norm(
     Ok(())
 }
 
+/// The buffer checks of `add_rms_norm` (and of its fusion with the all-reduce, which takes the
+/// same arguments): x and residual hold `n` rows of `hidden`, weight `hidden`. Returns
+/// `n * hidden`.
+pub(super) fn check_add_rms_norm(
+    op: &'static str,
+    x: &CudaBuf<bf16>,
+    residual: &CudaBuf<bf16>,
+    weight: &CudaBuf<bf16>,
+    n: usize,
+    hidden: usize,
+) -> Result<usize> {
+    let len = numel(op, "x", n, hidden)?;
+    check_len(op, "x", x, len)?;
+    check_len(op, "residual", residual, len)?;
+    check_len(op, "weight", weight, hidden)?;
+    Ok(len)
+}
+
 pub(super) fn add_rms_norm(
     be: &CudaBackend,
     x: &mut CudaBuf<bf16>,
@@ -173,10 +192,7 @@ pub(super) fn add_rms_norm(
     eps: f32,
 ) -> Result<()> {
     const OP: &str = "add_rms_norm";
-    let len = numel(OP, "x", n, hidden)?;
-    check_len(OP, "x", x, len)?;
-    check_len(OP, "residual", residual, len)?;
-    check_len(OP, "weight", weight, hidden)?;
+    let len = check_add_rms_norm(OP, x, residual, weight, n, hidden)?;
     if len == 0 {
         return Ok(());
     }
