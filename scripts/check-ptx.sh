@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI check: every nanovllm-kernels/cuda/*.cu compiles with nvcc 13.0, and the PTX shipped in
+# CI check: every nanovllm-kernels/cuda/*.cu compiles with nvcc 13.0, the PTX shipped in
 # nanovllm-kernels/ptx/ is exactly what it compiles to (comment lines, which name the compiler
-# build, are ignored). Fix a failure with scripts/build-ptx.sh and commit the PTX.
+# build, are ignored), and the sm_90 machine code in nanovllm-kernels/cubin/ is byte for byte
+# what ptxas 13.0 makes of that PTX. Fix a failure with scripts/build-ptx.sh and commit both.
 #
 # nvcc 13.0: $NVCC, else .venv-nvcc, else a throwaway venv (pip) removed at exit.
 set -euo pipefail
@@ -13,7 +14,7 @@ trap 'rm -rf "$tmp"' EXIT
 # shellcheck source=scripts/nvcc-13.sh
 . scripts/nvcc-13.sh "$tmp" check-ptx
 
-NVCC="$nvcc" scripts/build-ptx.sh "$tmp/ptx" 2>/dev/null
+NVCC="$nvcc" scripts/build-ptx.sh "$tmp/ptx" "$tmp/cubin" 2>/dev/null
 
 strip_comments() { grep -v '^[[:space:]]*//' "$1" || true; }
 status=0
@@ -27,6 +28,14 @@ for src in nanovllm-kernels/cuda/*.cu; do
         echo "check-ptx: $shipped is stale: it differs from what nvcc 13.0 makes of $src (run scripts/build-ptx.sh)" >&2
         status=1
     fi
+    cubin="nanovllm-kernels/cubin/$stem.sm_90.cubin"
+    if [ ! -f "$cubin" ]; then
+        echo "check-ptx: $cubin is missing (run scripts/build-ptx.sh)" >&2
+        status=1
+    elif ! cmp -s "$cubin" "$tmp/cubin/$stem.sm_90.cubin"; then
+        echo "check-ptx: $cubin is stale: it differs from what ptxas 13.0 makes of $src's PTX (run scripts/build-ptx.sh)" >&2
+        status=1
+    fi
 done
 for ptx in nanovllm-kernels/ptx/*.ptx; do
     [ -e "$ptx" ] || continue
@@ -35,5 +44,12 @@ for ptx in nanovllm-kernels/ptx/*.ptx; do
         status=1
     fi
 done
-[ "$status" -eq 0 ] && echo "check-ptx: shipped PTX matches the sources"
+for cubin in nanovllm-kernels/cubin/*; do
+    [ -e "$cubin" ] || continue
+    if [ ! -e "nanovllm-kernels/cuda/$(basename "$cubin" .sm_90.cubin).cu" ]; then
+        echo "check-ptx: $cubin has no source in nanovllm-kernels/cuda/" >&2
+        status=1
+    fi
+done
+[ "$status" -eq 0 ] && echo "check-ptx: shipped PTX and sm_90 machine code match the sources"
 exit "$status"

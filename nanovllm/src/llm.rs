@@ -669,7 +669,12 @@ fn build_runner(
     #[cfg(feature = "cuda")]
     if let Some(ordinal) = ordinal {
         match nanovllm_kernels::cuda::CudaBackend::new(ordinal) {
-            Ok(be) => return runner_on(Arc::new(be), src, config, load_format, false),
+            Ok(be) => {
+                let kernels = be.kernel_code();
+                let mut built = runner_on(Arc::new(be), src, config, load_format, false)?;
+                built.device = format!("{} (kernels: {kernels})", built.device);
+                return Ok(built);
+            }
             Err(e) if device == Device::Auto => {
                 eprintln!("nanovllm: no usable GPU ({e}); running on the CPU backend");
             }

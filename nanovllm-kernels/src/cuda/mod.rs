@@ -4,9 +4,11 @@
 //! the model queues its ops on it; the CPU backend ([`crate::cpu`]) is the reference its
 //! results are checked against (`examples/op_check.rs`).
 //!
-//! * Kernels are CUDA C (`cuda/*.cu`, one file per family), compiled to PTX by `build.rs` and
-//!   embedded in the binary; the driver JIT-compiles them when the backend starts (and caches
-//!   the result). Module name = file stem.
+//! * Kernels are CUDA C (`cuda/*.cu`, one file per family), compiled by `build.rs` to PTX and
+//!   to sm_90 machine code, both embedded in the binary. On compute capability 9.0 (H100,
+//!   H200) the backend loads the machine code, which takes milliseconds; elsewhere, or with
+//!   `NANOVLLM_CUBIN=0`, the driver JIT-compiles the PTX (seconds per large module on a
+//!   machine whose driver cache is empty; cached afterwards). Module name = file stem.
 //! * GEMMs go through a skinny kernel of `cuda/gemv.cu` for decode's few rows and cuBLASLt
 //!   with a fixed workspace otherwise (`gemm`, [`GemmPolicy`]), attention through the
 //!   kernels of `cuda/attention.cu` (`attention`).
@@ -120,6 +122,8 @@ pub struct CudaBackend {
     sample_parts: Mutex<SampleParts>,
     /// Arrival counters of decode attention's splits (zero between launches).
     split_counters: Mutex<CudaSlice<u32>>,
+    /// Whether every kernel module was loaded from its sm_90 machine code (else from PTX).
+    machine_code: bool,
 }
 
 /// `Error::Cuda` for a failed driver call, naming what was being done.
@@ -231,11 +235,30 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_err(&what("stream"), e))?;
+        let cc = |a| {
+            ctx.attribute(a)
+                .map_err(|e| driver_err(&what("compute capability"), e))
+        };
+        let sm_90 = cc(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? == 9
+            && cc(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? == 0;
+        let use_cubin = sm_90 && nanovllm_utils::env_switch("NANOVLLM_CUBIN", true);
         let mut modules = HashMap::new();
-        for &(name, ptx) in PTX_MODULES {
-            let module = ctx
-                .load_module(Ptx::from_src(ptx))
-                .map_err(|e| driver_err(&what(&format!("loading kernel module {name}")), e))?;
+        let mut machine_code = true;
+        for &(name, ptx, cubin) in KERNEL_MODULES {
+            // The machine code first where it fits the GPU; the PTX when there is none or the
+            // driver refuses it (then the PTX's error is the one reported).
+            let loaded = (use_cubin && !cubin.is_empty())
+                .then(|| ctx.load_module(Ptx::from_binary(cubin.to_vec())).ok())
+                .flatten();
+            let module = match loaded {
+                Some(m) => m,
+                None => {
+                    machine_code = false;
+                    ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+                        driver_err(&what(&format!("loading kernel module {name}")), e)
+                    })?
+                }
+            };
             modules.insert(name, module);
         }
         let get = |module: &str, name: &str| -> Result<CudaFunction> {
@@ -290,7 +313,18 @@ impl CudaBackend {
             scratch: Mutex::new(scratch),
             sample_parts: Mutex::new(sample_parts),
             split_counters: Mutex::new(split_counters),
+            machine_code,
         })
+    }
+
+    /// How the kernels were loaded: `"sm_90 machine code"` when every module's shipped machine
+    /// code loaded, else `"PTX (driver JIT)"`.
+    pub fn kernel_code(&self) -> &'static str {
+        if self.machine_code {
+            "sm_90 machine code"
+        } else {
+            "PTX (driver JIT)"
+        }
     }
 
     /// The GPU's name as the driver reports it ("NVIDIA H100 80GB HBM3").
