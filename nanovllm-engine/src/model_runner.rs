@@ -195,6 +195,10 @@ struct BatchShape {
     num_logits: usize,
 }
 
+/// The smallest prefill [`ModelRunner::warm_up_prefill`] runs: the smallest product the CUDA
+/// backend tunes as a prefill (`GemmTuning::WhereItPays`).
+const PREFILL_WARM_UP_MIN: usize = 1024;
+
 /// Sizes fixed at start-up that shape every step.
 #[derive(Clone, Copy, Debug)]
 struct Limits {
@@ -220,6 +224,8 @@ pub struct RunnerStats {
     pub load_seconds: f64,
     /// Seconds spent capturing graphs.
     pub capture_seconds: f64,
+    /// Seconds spent in the start-up prefills ([`ModelRunner::warm_up_prefill`]).
+    pub prefill_warm_up_seconds: f64,
 }
 
 /// Runs the model for the engine: owns the backend, the model, the KV cache and the step
@@ -382,10 +388,77 @@ impl<B: Backend> ModelRunner<B> {
                 ..Default::default()
             },
         };
+        runner.warm_up_prefill()?;
         if !config.enforce_eager {
             runner.capture_graphs()?;
         }
         Ok(runner)
+    }
+
+    /// Runs one eager prefill per power-of-two token count from [`PREFILL_WARM_UP_MIN`] up to
+    /// the step limit (and the limit itself), as nano-vLLM's `warmup_model` runs one of the
+    /// limit: each of those sizes is a GEMM tuning bucket (see `GemmTuning` in the CUDA
+    /// backend), whose first product times cuBLASLt's candidates, tens of milliseconds per
+    /// bucket that the first real prefills would otherwise pay. Sequences of at most
+    /// `max_model_len` tokens, token 0, slots -1 (nothing is written to the KV cache), greedy
+    /// sampling. Only on backends with graphs (the GPU): the CPU backend tunes nothing.
+    fn warm_up_prefill(&mut self) -> Result<()> {
+        if self.be.capture_graph(&mut || Ok(()))?.is_none() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let Limits {
+            max_num_tokens,
+            max_num_seqs,
+            max_model_len,
+            max_blocks_per_seq,
+            ..
+        } = self.limits;
+        let mut sizes: Vec<usize> = std::iter::successors(Some(PREFILL_WARM_UP_MIN), |&n| {
+            Some(n * 2).filter(|&n| n < max_num_tokens)
+        })
+        .filter(|&n| n < max_num_tokens)
+        .collect();
+        sizes.push(max_num_tokens);
+        for tokens in sizes {
+            let seq_len = max_model_len.min(tokens);
+            let num_seqs = tokens.div_ceil(seq_len).min(max_num_seqs);
+            let tokens = tokens.min(num_seqs * seq_len);
+            let h = &mut self.host;
+            h.clear();
+            h.cu_seqlens_q.push(0);
+            h.cu_seqlens_k.push(0);
+            for i in 0..num_seqs {
+                let len = seq_len.min(tokens - i * seq_len);
+                h.input_ids.extend(std::iter::repeat_n(0, len));
+                h.positions.extend(0..len as i32);
+                h.slot_mapping.extend(std::iter::repeat_n(-1, len));
+                let end = h.cu_seqlens_q.last().copied().unwrap_or(0) + len as i32;
+                h.cu_seqlens_q.push(end);
+                h.cu_seqlens_k.push(end);
+                h.logits_indices.push(end - 1);
+                h.block_tables
+                    .extend(std::iter::repeat_n(-1, max_blocks_per_seq));
+                h.temperatures.push(0.0);
+                h.top_k.push(0);
+                h.top_p.push(1.0);
+                h.seeds.push(0);
+                h.steps.push(0);
+            }
+            let shape = BatchShape {
+                num_tokens: tokens,
+                num_seqs,
+                max_seqlen_q: seq_len,
+                max_seqlen_k: seq_len,
+                num_logits: num_seqs,
+            };
+            self.check_fits(&shape)?;
+            self.upload(true)?;
+            self.run_ops(true, shape)?;
+        }
+        self.be.synchronize()?;
+        self.stats.prefill_warm_up_seconds = t.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Makes this runner rank 0 of a tensor-parallel group: every later step is sent to

@@ -66,6 +66,8 @@ pub struct BenchReport {
     pub weights_seconds: f64,
     /// Seconds spent capturing CUDA graphs.
     pub graph_capture_seconds: f64,
+    /// Seconds of cold start spent in the start-up prefills (GEMM tuning of prefill sizes).
+    pub prefill_warm_up_seconds: f64,
     /// KV-cache blocks.
     pub kvcache_blocks: usize,
     /// KV-cache size in GiB.
@@ -157,6 +159,7 @@ pub fn run_bench(model: &str, engine: EngineArgs, args: BenchArgs) -> Result<()>
         cold_start_seconds: cold_start,
         weights_seconds: info.runner.load_seconds,
         graph_capture_seconds: info.runner.capture_seconds,
+        prefill_warm_up_seconds: info.runner.prefill_warm_up_seconds,
         kvcache_blocks: info.runner.num_kvcache_blocks,
         kvcache_gib: info.runner.kvcache_bytes as f64 / (1u64 << 30) as f64,
         memory_used_gib: llm.memory_used_bytes()? as f64 / (1u64 << 30) as f64,
@@ -247,10 +250,11 @@ fn print_report(r: &BenchReport) {
         r.runner_execute_seconds
     );
     println!(
-        "cold start {:.2}s (weights {:.2}s, graph capture {:.2}s); KV cache {} blocks, {:.2} GiB; \
-         memory in use {:.2} GiB",
+        "cold start {:.2}s (weights {:.2}s, prefill warm-up {:.2}s, graph capture {:.2}s); KV \
+         cache {} blocks, {:.2} GiB; memory in use {:.2} GiB",
         r.cold_start_seconds,
         r.weights_seconds,
+        r.prefill_warm_up_seconds,
         r.graph_capture_seconds,
         r.kvcache_blocks,
         r.kvcache_gib,

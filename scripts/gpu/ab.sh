@@ -44,6 +44,9 @@ j = json.load(open(sys.argv[1]))
 name = sys.argv[3]
 if name.startswith("step"):
     v = f"{1e3 * j['decode_seconds'] / max(1, j['decode_steps']):.3f} ms"
+elif name == "bench":
+    v = (f"{j['output_tokens_per_second']:.0f} tok/s (prefill {j['prefill_seconds']:.3f} s, "
+         f"decode {j['decode_seconds']:.3f} s)")
 else:
     v = f"{j['output_tokens_per_second']:.0f} tok/s"
 print(sys.argv[2], name, v)
