@@ -343,13 +343,6 @@ impl LLM {
         }
     }
 
-    fn decode(&self, ids: &[u32]) -> Result<String> {
-        match &self.tokenizer {
-            Some(t) => t.decode(ids, true),
-            None => Ok(String::new()),
-        }
-    }
-
     /// Runs `prompts` to completion and returns their outputs in prompt order. `params` holds
     /// one `SamplingParams` for all prompts or one per prompt. `progress` shows a progress bar
     /// with prefill and decode throughput.
@@ -376,38 +369,65 @@ impl LLM {
         let mut stats = self.step_stats;
         let mut last = Instant::now();
         let (mut prefill_tps, mut decode_tps) = (0.0, 0.0);
-        let outputs = self.engine.generate_with(ids, params, |step| {
-            let dt = last.elapsed().as_secs_f64();
-            last = Instant::now();
-            stats.record(step, dt);
-            if let Some(bar) = &bar {
-                let tps = step.num_tokens as f64 / dt.max(1e-9);
-                if step.is_prefill {
-                    prefill_tps = tps;
-                } else {
-                    decode_tps = tps;
+        let (engine, tokenizer) = (&mut self.engine, self.tokenizer.as_ref());
+        // Finished sequences are detokenized on a thread of their own while the engine steps
+        // on (overlapping the GPU's work), not all at the end.
+        let (outputs, texts) = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<u32>)>();
+            let decoder = tokenizer.map(|t| {
+                scope.spawn(move || -> Result<HashMap<u64, String>> {
+                    rx.into_iter()
+                        .map(|(id, ids)| Ok((id, t.decode(&ids, true)?)))
+                        .collect()
+                })
+            });
+            let outputs = engine.generate_with(ids, params, |step| {
+                let dt = last.elapsed().as_secs_f64();
+                last = Instant::now();
+                stats.record(step, dt);
+                if decoder.is_some() {
+                    for f in &step.finished {
+                        // A send fails only when the decoder stopped on an error, which
+                        // its join below reports.
+                        let _ = tx.send((f.seq_id, f.token_ids.clone()));
+                    }
                 }
-                bar.set_message(format!(
-                    "Prefill={prefill_tps:.0}tok/s, Decode={decode_tps:.0}tok/s"
-                ));
-                bar.inc(step.finished.len() as u64);
-            }
+                if let Some(bar) = &bar {
+                    let tps = step.num_tokens as f64 / dt.max(1e-9);
+                    if step.is_prefill {
+                        prefill_tps = tps;
+                    } else {
+                        decode_tps = tps;
+                    }
+                    bar.set_message(format!(
+                        "Prefill={prefill_tps:.0}tok/s, Decode={decode_tps:.0}tok/s"
+                    ));
+                    bar.inc(step.finished.len() as u64);
+                }
+            });
+            drop(tx);
+            let texts = match decoder {
+                Some(d) => d
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Tokenizer("the detokenizer panicked".into()))),
+                None => Ok(HashMap::new()),
+            };
+            (outputs, texts)
         });
         self.step_stats = stats;
         if let Some(bar) = bar {
             bar.finish();
         }
-        outputs?
+        let mut texts = texts?;
+        Ok(outputs?
             .into_iter()
-            .map(|o| {
-                Ok(RequestOutput {
-                    text: self.decode(&o.token_ids)?,
-                    prompt_token_ids: o.prompt_token_ids,
-                    token_ids: o.token_ids,
-                    finish_reason: o.finish_reason,
-                })
+            .map(|o| RequestOutput {
+                text: texts.remove(&o.seq_id).unwrap_or_default(),
+                prompt_token_ids: o.prompt_token_ids,
+                token_ids: o.token_ids,
+                finish_reason: o.finish_reason,
             })
-            .collect()
+            .collect())
     }
 
     /// Queues one request (the streaming form); its tokens come out of [`step`](Self::step).

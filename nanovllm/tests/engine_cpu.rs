@@ -215,3 +215,57 @@ fn seeded_sampling_is_reproducible_at_any_batch_position() {
         "the seed changes nothing"
     );
 }
+
+/// `generate` detokenizes each sequence as it finishes (on a thread of its own); every output's
+/// text must still be the decode of its own tokens, whatever order the sequences finish in.
+#[test]
+fn generated_text_is_each_outputs_own_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixture()).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+        }
+    }
+    let gz = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen3-tokenizer/tokenizer.json.gz");
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(std::fs::File::open(gz).unwrap()),
+        &mut json,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), json).unwrap();
+    let args = EngineArgs {
+        config: EngineConfig {
+            num_kvcache_blocks: Some(64),
+            kvcache_block_size: 16,
+            max_num_seqs: 16,
+            ..Default::default()
+        },
+        device: Device::Cpu,
+        ..Default::default()
+    };
+    let mut llm = LLM::new(dir.path().to_str().unwrap(), args).unwrap();
+    let cases = cases();
+    // Longest first, so that the sequences finish in the reverse of prompt order.
+    let params: Vec<SamplingParams> = (0..4)
+        .map(|i| SamplingParams {
+            temperature: 0.0,
+            max_tokens: 12 - 3 * i,
+            ignore_eos: true,
+            ..Default::default()
+        })
+        .collect();
+    let prompts: Vec<Prompt> = (0..4)
+        .map(|i| Prompt::Tokens(cases[i % cases.len()].prompt.clone()))
+        .collect();
+    let outputs = llm.generate(&prompts, &params, false).unwrap();
+    let tokenizer = llm.tokenizer().expect("the copy has a tokenizer.json");
+    for (i, out) in outputs.iter().enumerate() {
+        assert_eq!(out.token_ids.len(), 12 - 3 * i);
+        let text = tokenizer.decode(&out.token_ids, true).unwrap();
+        assert!(!text.is_empty());
+        assert_eq!(out.text, text, "output {i}");
+    }
+}
