@@ -30,6 +30,7 @@ mod gemm;
 mod launch;
 mod nccl;
 mod ops;
+mod staging;
 
 pub use gemm::{GemmPolicy, GemmTuning, SKINNY_LIMIT};
 pub use launch::pdl_enabled;
@@ -45,7 +46,8 @@ use cudarc::driver::sys::{
     CUstreamCaptureStatus,
 };
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DriverError,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -119,6 +121,8 @@ pub struct CudaBackend {
     num_sms: usize,
     blas: gemm::Gemm,
     scratch: Mutex<CudaSlice<f32>>,
+    /// Pinned host memory for `htod` / `dtoh` (see `staging.rs`).
+    staging: Mutex<staging::Staging>,
     sample_parts: Mutex<SampleParts>,
     /// Arrival counters of decode attention's splits (zero between launches).
     split_counters: Mutex<CudaSlice<u32>>,
@@ -298,6 +302,8 @@ impl CudaBackend {
             idx: unsafe { stream.alloc::<u32>(1024) }
                 .map_err(|e| driver_err(&what("sampler scratch"), e))?,
         };
+        let staging = staging::Staging::new(&stream, staging::STAGING_BYTES)
+            .map_err(|e| driver_err(&what("pinned staging memory"), e))?;
         let split_counters = stream
             .alloc_zeros::<u32>(1024)
             .map_err(|e| driver_err(&what("split counters"), e))?;
@@ -311,6 +317,7 @@ impl CudaBackend {
             num_sms,
             blas,
             scratch: Mutex::new(scratch),
+            staging: Mutex::new(staging),
             sample_parts: Mutex::new(sample_parts),
             split_counters: Mutex::new(split_counters),
             machine_code,
@@ -325,6 +332,22 @@ impl CudaBackend {
         } else {
             "PTX (driver JIT)"
         }
+    }
+
+    /// The pinned staging buffer of `htod` / `dtoh`.
+    fn staging(&self) -> Result<MutexGuard<'_, staging::Staging>> {
+        self.staging
+            .lock()
+            .map_err(|_| Error::Cuda("staging buffer lock poisoned by a panic".into()))
+    }
+
+    /// Whether the stream is being captured into a graph.
+    fn capturing(&self) -> Result<bool> {
+        Ok(self
+            .stream
+            .capture_status()
+            .map_err(|e| driver_err("capture status", e))?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
     }
 
     /// The GPU's name as the driver reports it ("NVIDIA H100 80GB HBM3").
@@ -565,6 +588,18 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let bytes: &[u8] = bytemuck::cast_slice(src);
+        // A copy captured into a graph must not read the staging buffer (replays would read
+        // whatever it holds then): the driver's own path refuses or handles capture.
+        if !self.capturing()? {
+            let (ptr, _sync) = dst.data.device_ptr_mut(&self.stream);
+            let staged = self
+                .staging()?
+                .htod(bytes, ptr)
+                .map_err(|e| driver_err("htod (pinned)", e))?;
+            if staged {
+                return Ok(());
+            }
+        }
         let mut view = dst.data.slice_mut(0..bytes.len());
         self.stream
             .memcpy_htod(bytes, &mut view)
@@ -584,6 +619,16 @@ impl Backend for CudaBackend {
             return self.synchronize();
         }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        if !self.capturing()? {
+            let (ptr, _sync) = src.data.device_ptr(&self.stream);
+            let staged = self
+                .staging()?
+                .dtoh(ptr, bytes)
+                .map_err(|e| driver_err("dtoh (pinned)", e))?;
+            if staged {
+                return Ok(());
+            }
+        }
         let view = src.data.slice(0..bytes.len());
         self.stream
             .memcpy_dtoh(&view, bytes)
@@ -594,9 +639,13 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        // Held across the wait, so that no copy is staged between the wait and the reset.
+        let mut staging = self.staging()?;
         self.stream
             .synchronize()
-            .map_err(|e| driver_err("synchronize", e))
+            .map_err(|e| driver_err("synchronize", e))?;
+        staging.idle();
+        Ok(())
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {
