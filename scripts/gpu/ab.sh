@@ -46,7 +46,8 @@ if name.startswith("step"):
     v = f"{1e3 * j['decode_seconds'] / max(1, j['decode_steps']):.3f} ms"
 elif name == "bench":
     v = (f"{j['output_tokens_per_second']:.0f} tok/s (prefill {j['prefill_seconds']:.3f} s, "
-         f"decode {j['decode_seconds']:.3f} s)")
+         f"decode {j['decode_seconds']:.3f} s, host {j['runner_prepare_seconds']:.3f} + "
+         f"{j['engine_host_seconds']:.3f} s)")
 else:
     v = f"{j['output_tokens_per_second']:.0f} tok/s"
 print(sys.argv[2], name, v)
