@@ -271,6 +271,18 @@ fn real_main() -> Result<()> {
             2.0 * (n * 2) as f64 / times[2] * 1e-9
         );
         drop((src, dst));
+        // Reading alone (what decode attention and the skinny GEMMs do): 1 GiB read once.
+        let mut buf = g.from_host(&vec![1u8; 1 << 30])?;
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            times.push(b.events(|| g.read_all(&mut buf))?);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "ceiling: device read {:.0} GB/s (1 GiB read once by 16-byte loads, nothing written)",
+            (1u64 << 30) as f64 / times[3] * 1e-9
+        );
+        drop(buf);
         let m = 8192;
         let x = b.randn(m * m, 1.0)?;
         let w = b.randn(m * m, 0.01)?;

@@ -47,7 +47,7 @@ use cudarc::driver::sys::{
 };
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DevicePtrMut, DriverError,
+    DevicePtrMut, DriverError, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use half::bf16;
@@ -371,6 +371,35 @@ impl CudaBackend {
     /// Number of streaming multiprocessors (132 on an H100 SXM).
     pub(crate) fn num_sms(&self) -> usize {
         self.num_sms
+    }
+
+    /// Queues one read of every byte of `buf` (gemv.cu's `l2_flush`: 16-byte loads over a
+    /// grid of 4 x 512-thread CTAs per SM), for measuring the device's read bandwidth
+    /// (op_bench's ceiling). The kernel keeps an XOR of what it reads and, only if that equals
+    /// a fixed constant, writes it over the first 8 KiB (so the loads cannot be optimised
+    /// away): `buf` is taken mutably and must hold at least 8 KiB.
+    pub fn read_all(&self, buf: &mut CudaBuf<u8>) -> Result<()> {
+        if buf.len < 8192 {
+            return Err(Error::Other(format!(
+                "read_all: a buffer of {} bytes; it needs at least 8,192",
+                buf.len
+            )));
+        }
+        let f = self.func("gemv", "l2_flush")?;
+        let n16 = (buf.len / 16) as u64;
+        let never: u32 = 0x9E37_79B9;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (self.num_sms as u32 * 4, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&mut buf.data).arg(&n16).arg(&never);
+        // SAFETY: matches `l2_flush(uint4* buf, u64 n16, u32 never)` in gemv.cu: it reads n16
+        // 16-byte vectors, all inside `buf`, and may write its first 512 vectors (8 KiB,
+        // checked above); `buf` is borrowed mutably for the call.
+        unsafe { b.launch(cfg) }.map_err(|e| driver_err("read_all", e))?;
+        Ok(())
     }
 
     /// Kernel `name` of module `module` (the `.cu` file stem), looked up once and cached.
