@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use half::bf16;
-use nanovllm_kernels::{Backend, GraphExec, SamplingBufs};
+use nanovllm_kernels::{Backend, Elem, GraphExec, SamplingBufs};
 use nanovllm_layers::context::Context;
 use nanovllm_layers::tp::{SingleRank, TpComm};
 use nanovllm_models::qwen3::{KvCache, Qwen3ForCausalLM, Workspace};
@@ -238,6 +238,8 @@ pub struct ModelRunner<B: Backend> {
     bufs: StepBuffers<B>,
     sampled: B::Buf<u32>,
     host: HostInputs,
+    /// The bytes each step input buffer last received ([`HostInputs::as_bytes`] order).
+    uploaded: [Vec<u8>; STEP_ARRAYS],
     sampled_host: Vec<u32>,
     limits: Limits,
     vocab_size: usize,
@@ -373,6 +375,7 @@ impl<B: Backend> ModelRunner<B> {
             bufs,
             sampled,
             host: HostInputs::default(),
+            uploaded: Default::default(),
             sampled_host: Vec::new(),
             limits,
             vocab_size: model_config.vocab_size,
@@ -596,31 +599,36 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     /// Copies the host inputs of this step into the device buffers (the sampling parameters
-    /// only where they are used: on rank 0).
+    /// only where they are used: on rank 0). An array whose bytes equal what its buffer last
+    /// received is not copied again: in steady decode the sampling parameters, the logits rows
+    /// and most steps' block tables repeat, and each copy costs the host microseconds while
+    /// the GPU waits. Only this function writes these buffers, so `uploaded` is exact.
     fn upload(&mut self, is_prefill: bool) -> Result<()> {
         let samples = self.model.comm().rank() == 0;
         let be = &*self.be;
         let h = &self.host;
         let b = &mut self.bufs;
-        be.htod(&h.input_ids, &mut b.input_ids)?;
-        be.htod(&h.positions, &mut b.positions)?;
-        be.htod(&h.slot_mapping, &mut b.slot_mapping)?;
+        let [ids, pos, slots, cu_q, cu_k, ctx, tables, rows, temps, top_k, top_p, seeds, steps] =
+            &mut self.uploaded;
+        htod_changed(be, &h.input_ids, &mut b.input_ids, ids)?;
+        htod_changed(be, &h.positions, &mut b.positions, pos)?;
+        htod_changed(be, &h.slot_mapping, &mut b.slot_mapping, slots)?;
         if is_prefill {
-            be.htod(&h.cu_seqlens_q, &mut b.cu_seqlens_q)?;
-            be.htod(&h.cu_seqlens_k, &mut b.cu_seqlens_k)?;
+            htod_changed(be, &h.cu_seqlens_q, &mut b.cu_seqlens_q, cu_q)?;
+            htod_changed(be, &h.cu_seqlens_k, &mut b.cu_seqlens_k, cu_k)?;
         } else {
-            be.htod(&h.context_lens, &mut b.context_lens)?;
+            htod_changed(be, &h.context_lens, &mut b.context_lens, ctx)?;
         }
-        be.htod(&h.block_tables, &mut b.block_tables)?;
-        be.htod(&h.logits_indices, &mut b.logits_indices)?;
+        htod_changed(be, &h.block_tables, &mut b.block_tables, tables)?;
+        htod_changed(be, &h.logits_indices, &mut b.logits_indices, rows)?;
         if !samples {
             return Ok(());
         }
-        be.htod(&h.temperatures, &mut b.temperatures)?;
-        be.htod(&h.top_k, &mut b.top_k)?;
-        be.htod(&h.top_p, &mut b.top_p)?;
-        be.htod(&h.seeds, &mut b.seeds)?;
-        be.htod(&h.steps, &mut b.steps)?;
+        htod_changed(be, &h.temperatures, &mut b.temperatures, temps)?;
+        htod_changed(be, &h.top_k, &mut b.top_k, top_k)?;
+        htod_changed(be, &h.top_p, &mut b.top_p, top_p)?;
+        htod_changed(be, &h.seeds, &mut b.seeds, seeds)?;
+        htod_changed(be, &h.steps, &mut b.steps, steps)?;
         Ok(())
     }
 
@@ -923,6 +931,25 @@ fn slot(block_table: &[u32], pos: usize, block_size: usize) -> Result<i32> {
 }
 
 /// Appends one sequence's block table, padded with -1 to `width` entries.
+/// `be.htod(src, dst)` unless `last` (the bytes `dst` last received from here) equals `src`;
+/// then `last` holds `src`'s bytes.
+fn htod_changed<B: Backend, T: Elem + bytemuck::Pod>(
+    be: &B,
+    src: &[T],
+    dst: &mut B::Buf<T>,
+    last: &mut Vec<u8>,
+) -> Result<()> {
+    let bytes: &[u8] = bytemuck::cast_slice(src);
+    if last.as_slice() == bytes {
+        return Ok(());
+    }
+    // Forget the old contents first: if the copy fails, the next upload copies again.
+    last.clear();
+    be.htod(src, dst)?;
+    last.extend_from_slice(bytes);
+    Ok(())
+}
+
 fn push_block_table(dst: &mut Vec<i32>, table: &[u32], width: usize) -> Result<()> {
     if table.len() > width {
         return Err(Error::Other(format!(
