@@ -224,7 +224,7 @@ pub struct RunnerStats {
     pub load_seconds: f64,
     /// Seconds spent capturing graphs.
     pub capture_seconds: f64,
-    /// Seconds spent in the start-up prefills ([`ModelRunner::warm_up_prefill`]).
+    /// Seconds spent in the start-up prefills (one per GEMM tuning size; see `ModelRunner::new`).
     pub prefill_warm_up_seconds: f64,
 }
 
@@ -275,8 +275,10 @@ impl<B: Backend> StepBuffers<B> {
 }
 
 impl<B: Backend> ModelRunner<B> {
-    /// Loads the model onto `be`, sizes and allocates the KV cache, and captures the decode
-    /// graphs (unless `config.enforce_eager` or the backend has none).
+    /// Loads the model onto `be`, sizes and allocates the KV cache, runs one warm-up prefill
+    /// per GEMM tuning size (backends with graphs only: their GEMMs time cuBLASLt's candidates
+    /// on a shape's first call), and captures the decode graphs (unless `config.enforce_eager`
+    /// or the backend has none).
     pub fn new(
         be: Arc<B>,
         model_config: &ModelConfig,
