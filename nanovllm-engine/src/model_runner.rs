@@ -393,9 +393,13 @@ impl<B: Backend> ModelRunner<B> {
                 ..Default::default()
             },
         };
-        runner.warm_up_prefill()?;
-        if !config.enforce_eager {
-            runner.capture_graphs()?;
+        // A backend without graphs (the CPU) answers an empty capture with `None`: it tunes
+        // nothing and replays nothing, so it skips both the warm-up and the capture.
+        if runner.be.capture_graph(&mut || Ok(()))?.is_some() {
+            runner.warm_up_prefill()?;
+            if !config.enforce_eager {
+                runner.capture_graphs()?;
+            }
         }
         Ok(runner)
     }
@@ -406,11 +410,8 @@ impl<B: Backend> ModelRunner<B> {
     /// backend), whose first product times cuBLASLt's candidates, tens of milliseconds per
     /// bucket that the first real prefills would otherwise pay. Sequences of at most
     /// `max_model_len` tokens, token 0, slots -1 (nothing is written to the KV cache), greedy
-    /// sampling. Only on backends with graphs (the GPU): the CPU backend tunes nothing.
+    /// sampling. Called only on backends with graphs (the GPU): the CPU backend tunes nothing.
     fn warm_up_prefill(&mut self) -> Result<()> {
-        if self.be.capture_graph(&mut || Ok(()))?.is_none() {
-            return Ok(());
-        }
         let t = Instant::now();
         let Limits {
             max_num_tokens,
@@ -561,10 +562,6 @@ impl<B: Backend> ModelRunner<B> {
     /// max_model_len`, which bounds every later step.
     fn capture_graphs(&mut self) -> Result<()> {
         let t = Instant::now();
-        // A backend without graphs answers an empty capture with `None`: skip the warm-up.
-        if self.be.capture_graph(&mut || Ok(()))?.is_none() {
-            return Ok(());
-        }
         let mut graphs = Vec::new();
         for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
             .iter()

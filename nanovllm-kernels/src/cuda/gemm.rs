@@ -588,16 +588,8 @@ impl Gemm {
             .max(0) as usize;
         let flush_bytes = (2 * l2).max(64 << 20);
         // SAFETY: the flush buffer is only read (its contents do not matter).
-        let Ok(flush) = (unsafe { stream.alloc::<u8>(flush_bytes) }) else {
+        let Ok(mut flush) = (unsafe { stream.alloc::<u8>(flush_bytes) }) else {
             return Ok(usable[0]);
-        };
-        let flush_fn = be.func("gemv", "l2_flush")?;
-        let n16 = (flush_bytes / 16) as u64;
-        let never: u32 = 0x9E37_79B9;
-        let flush_cfg = LaunchConfig {
-            grid_dim: (be.num_sms() as u32 * 4, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
         };
         let new_event = || {
             ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -608,11 +600,7 @@ impl Gemm {
         // Rounds outside, candidates inside: a drift in clocks spreads over all of them.
         for _ in 0..ROUNDS {
             for (algo, marks) in usable.iter().zip(marks.iter_mut()) {
-                let mut b = stream.launch_builder(&flush_fn);
-                b.arg(&flush).arg(&n16).arg(&never);
-                // SAFETY: matches `l2_flush` in gemv.cu: it reads n16 16-byte vectors of the
-                // flush buffer (flush_bytes long) and may write its first 512.
-                unsafe { b.launch(flush_cfg) }.map_err(|e| ev("l2_flush launch", e))?;
+                be.read_through(&mut flush)?;
                 let (start, end) = (new_event()?, new_event()?);
                 start.record(stream).map_err(|e| ev("record", e))?;
                 // SAFETY: as for the untimed runs above.

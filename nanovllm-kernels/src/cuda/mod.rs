@@ -385,8 +385,20 @@ impl CudaBackend {
                 buf.len
             )));
         }
+        self.read_through(&mut buf.data)
+    }
+
+    /// [`CudaBackend::read_all`] on a raw device slice of at least 8 KiB (also the gemm
+    /// tuner's L2 flush).
+    pub(crate) fn read_through(&self, buf: &mut CudaSlice<u8>) -> Result<()> {
+        if buf.len() < 8192 {
+            return Err(Error::Other(format!(
+                "l2_flush: a buffer of {} bytes; it needs at least 8,192",
+                buf.len()
+            )));
+        }
         let f = self.func("gemv", "l2_flush")?;
-        let n16 = (buf.len / 16) as u64;
+        let n16 = (buf.len() / 16) as u64;
         let never: u32 = 0x9E37_79B9;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (self.num_sms as u32 * 4, 1, 1),
@@ -394,11 +406,11 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&mut buf.data).arg(&n16).arg(&never);
+        b.arg(buf).arg(&n16).arg(&never);
         // SAFETY: matches `l2_flush(uint4* buf, u64 n16, u32 never)` in gemv.cu: it reads n16
         // 16-byte vectors, all inside `buf`, and may write its first 512 vectors (8 KiB,
         // checked above); `buf` is borrowed mutably for the call.
-        unsafe { b.launch(cfg) }.map_err(|e| driver_err("read_all", e))?;
+        unsafe { b.launch(cfg) }.map_err(|e| driver_err("l2_flush", e))?;
         Ok(())
     }
 
