@@ -1,50 +1,48 @@
 // One-shot all-reduce for small messages between the GPUs of one host (decode steps), faster
-// than NCCL's ring there because it is one short kernel and one pass over NVLink; and the same
-// all-reduce fused with the residual add + RMSNorm that follows it in every decoder layer.
+// than NCCL's ring there because it is one short kernel and one crossing of NVLink; and the
+// same all-reduce fused with the residual add + RMSNorm that follows it in every decoder layer.
 //
-// Every rank owns one IPC-shared allocation: two data buffers (used alternately, by call
-// parity) and a flags area where peers write. The kernels always run the same fixed grid, so
-// block b of every rank owns the same element positions in every call of a kernel. Block b:
-//   1. bumps its own epoch counter and copies its elements of the input into this rank's
-//      buffer[epoch & 1];
-//   2. tells block b of every peer "my elements for this epoch are ready" (a release store
-//      into the peer's flag slot [b][rank], after a system-wide fence), and waits until every
-//      peer's block b said the same (spinning on the local flags, with a time limit);
-//   3. reads its elements of every rank's buffer (peers' over NVLink), sums in f32 in rank
-//      order and writes bf16 into the input in place: every rank gets the same bits.
-// Two buffers make one barrier per call enough: block b overwrites its elements of the buffer
-// of call k only in call k + 2, after the barrier of call k + 1, which no peer's block b
-// passes before finishing call k. The counters live in device memory, so the kernel can be
-// captured in a CUDA graph and replayed. A peer that never arrives (its process died) ends the
-// wait after about five seconds and sets `stuck` (device memory: every later wait is skipped,
-// so a dead peer costs one timeout, not one per call) and `timed_out` (host-mapped memory,
-// which the host reads after each step and turns into an error).
+// Push protocol, with the data as its own flag. Every rank owns one IPC-shared allocation with
+// receive slots [parity][source rank][cap] of bf16 per lane, all holding the bit pattern
+// 0xFFFF ("empty", AR_EMPTY: a NaN that no sender stores: senders replace it with the NaN
+// 0x7FFF, so NaN stays NaN and every other value keeps its bits). The kernels always run the
+// same fixed grid, and every block bumps its own epoch counter once per call, so all blocks of
+// all ranks agree on the call count and on its parity p. In call k, block b of each rank:
+//   1. pushes its elements of the input into slot [p][rank] of every peer (plain stores to the
+//      peer's memory over NVLink, which need no reply);
+//   2. for each of its elements and each peer q, reads its own slot [p][q] until no half of
+//      the 16-byte vector is AR_EMPTY (the stores of one vector may land in parts; each part
+//      is checked), takes the value and writes AR_EMPTY back;
+//   3. sums every rank's value in f32 in rank order (its own from the input) and writes bf16
+//      into the input in place: every rank gets the same bits, those of NCCL's two-rank sum.
+// No flag, fence or barrier: a value waits one NVLink crossing, where a pull protocol waits for
+// a flag to cross and then for a read to go there and back.
 //
-// ar_one_shot is that all-reduce, block b owning a grid-stride range of elements.
+// Why a slot is empty and read before a peer writes it again (two parities are enough):
+// peer q writes its element i into my slot [p][q] in calls k, k + 2, ... When q starts call
+// k + 2, its call k + 1 has completed (stream order; under programmatic dependent launch each
+// kernel's pdl_begin() holds it until its predecessor has completed), and that call waited for
+// my pushes of call k + 1 (each of q's threads waits until my value of each of its elements
+// arrives, and every call has at least one element), which I make only after my call k has
+// completed, my read of element i and the AR_EMPTY written back after it included. The
+// counters live in device memory, so the kernels can be captured in a CUDA graph and replayed.
+// A peer that never sends (its process died) ends the wait after about five seconds and sets
+// `stuck` (device memory: every later wait is skipped, so a dead peer costs one timeout, not
+// one per call) and `timed_out` (host-mapped memory, which the host reads after each step and
+// turns into an error).
 //
-// ar_add_rms_norm is all_reduce_sum followed by add_rms_norm (norm.cu) in one kernel, with the
+// ar_one_shot is that all-reduce, block b owning a grid-stride range of 16-byte vectors (or of
+// elements, when the length is not a multiple of 8).
+//
+// ar_add_rms_norm is the all-reduce followed by add_rms_norm (norm.cu) in one kernel, with the
 // same bits as the two: x (this rank's partial sums, [rows, hidden]) is summed over the ranks
 // as above (f32 in rank order, rounded once to bf16), then residual = bf16(sum + residual) and
 // x = rms_norm(residual) * w. The norm needs whole rows, so block b owns rows b, b + gridDim,
-// ... (steps 1 and 3 move those rows), and a block with no row still bumps its epoch and takes
-// part in the barrier. Both kernels share each lane's buffers, flags and epochs, and a lane's
-// calls may alternate between them, which maps element i to different blocks from one call to
-// the next. The two-buffer argument still holds because it never needed "the same block" but
-// only these two facts, both true for every call of either kernel:
-//   a. every block of the lane's fixed grid bumps its epoch exactly once per call, so all
-//      blocks (of all ranks) agree on the call count and on the parity of every call: the
-//      previous use of the buffer that call k writes is call k - 2, whatever blocks wrote and
-//      read which elements in it;
-//   b. every block takes part in every barrier: when rank R's call k starts, R's call k - 1
-//      has completed (stream order; under programmatic dependent launch a call may be
-//      scheduled early, but each kernel's pdl_begin() holds it until its predecessor, and so
-//      every earlier kernel, has completed), so every block b' of R passed barrier k - 1, so every
-//      peer's block b' had started call k - 1 and had therefore finished call k - 2, including
-//      every read it made of R's buffer.
-// So nothing still reads a buffer element when a later call overwrites it, whichever kernel
-// and block read it. (A block that skipped a call with no work would break both: its epoch
-// parity would drift from the others', and its missing barrier would leave its peers' reads
-// of call k - 2 unordered.)
+// ... (steps 1 and 2 move those rows), and a block with no row still bumps its epoch. Both
+// kernels share each lane's slots and epochs, and a lane's calls may alternate between them,
+// which maps element i to different blocks from one call to the next; the argument above never
+// needed "the same block", only that every block bumps its epoch once per call and that a call
+// completes only once every pushed element has been taken.
 //
 // Numerics of the norm part: bit for bit those of add_rms_norm in norm.cu, which is compiled
 // with --use_fast_math while this file is not (ar_one_shot's sum must not flush subnormals).
@@ -63,7 +61,6 @@
 
 #include "pdl.cuh"
 
-#define AR_MAX_RANKS 8
 #define AR_TIMEOUT_NS 5000000000ull
 // ar_add_rms_norm: 16-byte vectors per thread and row of add_rms_norm (VPT in norm.cu); its
 // threads per block; vectors per thread and chunk; 16-byte vectors of a chunk (so rows of
@@ -79,16 +76,6 @@ __device__ __forceinline__ uint64_t global_ns() {
     return t;
 }
 
-__device__ __forceinline__ void store_release_sys(uint32_t* p, uint32_t v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ uint32_t load_acquire_sys(const uint32_t* p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // Step 1's counter: this block's epoch for this call (the same in every thread).
 __device__ __forceinline__ uint32_t next_epoch(uint32_t* epochs) {
     __shared__ uint32_t e;
@@ -100,20 +87,76 @@ __device__ __forceinline__ uint32_t next_epoch(uint32_t* epochs) {
     return e;
 }
 
-// Step 2: after this block pushed its elements for epoch `e`, waits until block blockIdx.x of
-// every peer has pushed its own (or the time limit ran out). Every thread of the block calls
-// it; thread t < world (t != rank) signals and waits for peer t.
-__device__ __forceinline__ void barrier(const uint64_t* __restrict__ flags, int rank, int world, uint32_t e,
-                                        uint32_t* stuck, volatile uint32_t* timed_out) {
-    __syncthreads();
-    const int t = threadIdx.x;
-    if (t < world && t != rank) {
-        // The block's pushed elements are visible system-wide before the flag is.
-        __threadfence_system();
-        store_release_sys(reinterpret_cast<uint32_t*>(flags[t]) + blockIdx.x * AR_MAX_RANKS + rank, e);
-        const uint32_t* slot = reinterpret_cast<const uint32_t*>(flags[rank]) + blockIdx.x * AR_MAX_RANKS + t;
+// Strong (relaxed, system scope) 16-byte and 2-byte accesses: a peer's store becomes visible
+// to the polling loads, and the loads are not merged or hoisted out of the loop. Each 32-bit
+// word of a vector access is single-copy atomic, so no bf16 half is ever seen torn.
+__device__ __forceinline__ void st_sys(uint4* p, uint4 v) {
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_sys(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_sys(uint16_t* p, uint16_t v) {
+    asm volatile("st.volatile.global.u16 [%0], %1;" ::"l"(p), "h"(v) : "memory");
+}
+
+__device__ __forceinline__ uint16_t ld_sys(const uint16_t* p) {
+    uint16_t v;
+    asm volatile("ld.volatile.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// The empty mark, and what a sender stores instead of it (both NaN).
+#define AR_EMPTY 0xFFFFu
+#define AR_NAN 0x7FFFu
+
+__device__ __forceinline__ bool full(uint16_t h) { return h != AR_EMPTY; }
+__device__ __forceinline__ bool full(uint4 v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    bool ok = true;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) ok &= (w[k] & 0xffffu) != AR_EMPTY && (w[k] >> 16) != AR_EMPTY;
+    return ok;
+}
+
+__device__ __forceinline__ uint16_t sendable(uint16_t h) { return h == AR_EMPTY ? (uint16_t)AR_NAN : h; }
+__device__ __forceinline__ uint4 sendable(uint4 v) {
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        if ((w[k] & 0xffffu) == AR_EMPTY) w[k] = (w[k] & 0xffff0000u) | AR_NAN;
+        if ((w[k] >> 16) == AR_EMPTY) w[k] = (w[k] & 0xffffu) | (AR_NAN << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ uint16_t empty_like(uint16_t) { return (uint16_t)AR_EMPTY; }
+__device__ __forceinline__ uint4 empty_like(uint4) { return make_uint4(~0u, ~0u, ~0u, ~0u); }
+
+// Slot [parity][src] of a lane on the rank whose lane base is `base`, as T (uint4 or uint16_t).
+template <typename T>
+__device__ __forceinline__ T* slot(uint64_t base, long long cap, uint32_t parity, int world, int src) {
+    return reinterpret_cast<T*>(reinterpret_cast<__nv_bfloat16*>(base) + ((long long)parity * world + src) * cap);
+}
+
+// Step 2 for one value: `v` is a first read of `p` (issued early, with others in flight); reads
+// again until it is full or the wait gives up, then marks the slot empty for the next use.
+template <typename T>
+__device__ __forceinline__ T take(T* p, T v, uint32_t* stuck, volatile uint32_t* timed_out) {
+    if (!full(v)) {
         const uint64_t start = global_ns();
-        while (*((volatile uint32_t*)stuck) == 0 && load_acquire_sys(slot) != e) {
+        while (*((volatile uint32_t*)stuck) == 0) {
+            v = ld_sys(p);
+            if (full(v)) break;
             if (global_ns() - start > AR_TIMEOUT_NS) {
                 *((volatile uint32_t*)stuck) = 1u;
                 *timed_out = 1u;
@@ -122,53 +165,58 @@ __device__ __forceinline__ void barrier(const uint64_t* __restrict__ flags, int 
             }
         }
     }
-    __syncthreads();
+    st_sys(p, empty_like(v));
+    return v;
 }
 
-extern "C" __global__ void ar_one_shot(__nv_bfloat16* __restrict__ data, const uint64_t* __restrict__ bufs,
-                                       const uint64_t* __restrict__ flags, uint32_t* epochs, int rank, int world,
-                                       long long cap, long long n, uint32_t* stuck, volatile uint32_t* timed_out) {
-    pdl_begin();
-    const uint32_t e = next_epoch(epochs);
-    const long long off = (long long)(e & 1) * cap;
+// The all-reduce of data[0..n) over T-sized units (uint4: 8 bf16, n % 8 == 0; uint16_t: one).
+template <typename T>
+__device__ __forceinline__ void one_shot(__nv_bfloat16* __restrict__ data, const uint64_t* __restrict__ bufs,
+                                         uint32_t e, int rank, int world, long long cap, long long units,
+                                         uint32_t* stuck, volatile uint32_t* timed_out) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool vec = (n & 7) == 0;
-    __nv_bfloat16* mine = reinterpret_cast<__nv_bfloat16*>(bufs[rank]) + off;
-    if (vec) {
-        const uint4* s = reinterpret_cast<const uint4*>(data);
-        uint4* d = reinterpret_cast<uint4*>(mine);
-        for (long long i = i0; i < n / 8; i += stride) d[i] = s[i];
-    } else {
-        for (long long i = i0; i < n; i += stride) mine[i] = data[i];
+    T* d = reinterpret_cast<T*>(data);
+    // 1. Push.
+    for (long long i = i0; i < units; i += stride) {
+        const T v = sendable(d[i]);
+        for (int q = 0; q < world; ++q)
+            if (q != rank) st_sys(slot<T>(bufs[q], cap, e & 1, world, rank) + i, v);
     }
-    barrier(flags, rank, world, e, stuck, timed_out);
-    if (vec) {
-        for (long long i = i0; i < n / 8; i += stride) {
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int r = 0; r < world; ++r) {
-                const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(bufs[r]) + off);
-                uint4 v = __ldcv(src + i);
-                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+    // 2 and 3. Take, sum in rank order, write back.
+    for (long long i = i0; i < units; i += stride) {
+        const T own = d[i];
+        float acc[sizeof(T) / 2];
 #pragma unroll
-                for (int k = 0; k < 8; ++k) acc[k] += __bfloat162float(h[k]);
+        for (int j = 0; j < (int)(sizeof(T) / 2); ++j) acc[j] = 0.f;
+        for (int r = 0; r < world; ++r) {
+            T v = own;
+            if (r != rank) {
+                T* p = slot<T>(bufs[rank], cap, e & 1, world, r) + i;
+                v = take(p, ld_sys(p), stuck, timed_out);
             }
-            uint4 o;
-            __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) oh[k] = __float2bfloat16(acc[k]);
-            reinterpret_cast<uint4*>(data)[i] = o;
+            for (int j = 0; j < (int)(sizeof(T) / 2); ++j) acc[j] += __bfloat162float(h[j]);
         }
-    } else {
-        for (long long i = i0; i < n; i += stride) {
-            float acc = 0.f;
-            for (int r = 0; r < world; ++r) {
-                const __nv_bfloat16* src = reinterpret_cast<const __nv_bfloat16*>(bufs[r]) + off;
-                acc += __bfloat162float(__ldcv(src + i));
-            }
-            data[i] = __float2bfloat16(acc);
-        }
+        T o;
+        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+#pragma unroll
+        for (int j = 0; j < (int)(sizeof(T) / 2); ++j) oh[j] = __float2bfloat16(acc[j]);
+        d[i] = o;
     }
+}
+
+// bufs: every rank's lane base, by rank.
+extern "C" __global__ void ar_one_shot(__nv_bfloat16* __restrict__ data, const uint64_t* __restrict__ bufs,
+                                       uint32_t* epochs, int rank, int world, long long cap, long long n,
+                                       uint32_t* stuck, volatile uint32_t* timed_out) {
+    pdl_begin();
+    const uint32_t e = next_epoch(epochs);
+    if ((n & 7) == 0)
+        one_shot<uint4>(data, bufs, e, rank, world, cap, n / 8, stuck, timed_out);
+    else
+        one_shot<uint16_t>(data, bufs, e, rank, world, cap, n, stuck, timed_out);
 }
 
 // The f32 instructions norm.cu gets from --use_fast_math (see the top of the file). Written
@@ -240,31 +288,30 @@ __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(_
 //
 // Layout: the block's rows go through in chunks of up to min(AR_THREADS / nt, AR_CHUNK / nvec)
 // rows. For a chunk, every thread holds up to AR_K of its 16-byte vectors (flattened index
-// f = t + k * AR_THREADS over the chunk's rows), with their residual and weight loads and the
-// loads of two ranks at a time in flight together; it stores the rounded residual sums in shared
-// memory. Then thread group g (threads g * nt .. g * nt + nt - 1) takes chunk row g and does
+// f = t + k * AR_THREADS over the chunk's rows), with their residual, weight and own-value loads
+// and then the first reads of each peer's values in flight together; it stores the rounded
+// residual sums in shared memory. Then thread group g (threads g * nt .. g * nt + nt - 1) takes chunk row g and does
 // exactly what a block of add_rms_norm does with its row (thread tt: vectors tt + j * nt, j <
 // AR_VPT; the reduction of block_sum over the group's warps), and each thread scales the
 // vectors it holds.
 extern "C" __global__ void __launch_bounds__(AR_THREADS)
     ar_add_rms_norm(__nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
                     const __nv_bfloat16* __restrict__ w, const uint64_t* __restrict__ bufs,
-                    const uint64_t* __restrict__ flags, uint32_t* epochs, int rank, int world, long long cap,
+                    uint32_t* epochs, int rank, int world, long long cap,
                     int rows, int hidden, int nt, float eps, uint32_t* stuck, volatile uint32_t* timed_out) {
     __shared__ uint4 sums[AR_CHUNK];  // the chunk's rows of bf16(sum + residual)
     __shared__ float scratch[32];
     __shared__ float inv[AR_THREADS / 32];  // 1 / rms of each chunk row
     pdl_begin();
     const uint32_t e = next_epoch(epochs);
-    const long long off = (long long)(e & 1) * cap;
     const int t = threadIdx.x, nvec = hidden >> 3;
     const int G = gridDim.x, b = blockIdx.x;
     const int my_rows = rows > b ? (rows - 1 - b) / G + 1 : 0;  // rows b, b + G, ...
     uint4* xv = reinterpret_cast<uint4*>(x);
     uint4* rv = reinterpret_cast<uint4*>(residual);
     const uint4* wv = reinterpret_cast<const uint4*>(w);
-    // 1. Push this block's rows of x (possibly none), four loads in flight per thread.
-    uint4* mine = reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(bufs[rank]) + off);
+    // 1. Push this block's rows of x (possibly none) to every peer, four loads in flight per
+    // thread.
     const int total = my_rows * nvec;
     for (int f0 = 0; f0 < total; f0 += 4 * AR_THREADS) {
         uint4 v[4];
@@ -278,21 +325,22 @@ extern "C" __global__ void __launch_bounds__(AR_THREADS)
                 v[k] = xv[at[k]];
             }
         }
+        for (int q = 0; q < world; ++q) {
+            if (q == rank) continue;
+            uint4* to = slot<uint4>(bufs[q], cap, e & 1, world, rank);
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            if (f0 + t + k * AR_THREADS < total) mine[at[k]] = v[k];
+            for (int k = 0; k < 4; ++k)
+                if (f0 + t + k * AR_THREADS < total) st_sys(to + at[k], sendable(v[k]));
+        }
     }
     const int chunk = min(AR_THREADS / nt, AR_CHUNK / nvec);
     const int g = t / nt, tt = t - g * nt, nw = nt >> 5, lane = t & 31;
-    // 2. happens in the first pass of the loop (which every block makes, rows or not), once
-    // this thread's first residual and weight loads are on their way.
-    bool waited = false;
-    for (int q0 = 0; q0 < my_rows || !waited; q0 += chunk) {
-        const int n_rows = max(min(chunk, my_rows - q0), 0);
+    for (int q0 = 0; q0 < my_rows; q0 += chunk) {
+        const int n_rows = min(chunk, my_rows - q0);
         const int cv = n_rows * nvec;
         long long at[AR_K];
         int col[AR_K], crow[AR_K];
-        uint4 v[AR_K], wk[AR_K];  // v: the residual, then the rounded sum
+        uint4 v[AR_K], wk[AR_K], own[AR_K];  // v: the residual, then the rounded sum
 #pragma unroll
         for (int k = 0; k < AR_K; ++k) {
             const int f = t + k * AR_THREADS;
@@ -302,42 +350,29 @@ extern "C" __global__ void __launch_bounds__(AR_THREADS)
                 at[k] = (long long)(b + (q0 + crow[k]) * G) * nvec + col[k];
                 v[k] = rv[at[k]];
                 wk[k] = __ldg(wv + col[k]);
+                own[k] = xv[at[k]];
             }
         }
-        if (!waited) {
-            barrier(flags, rank, world, e, stuck, timed_out);
-            waited = true;
-        }
-        // 3. Sum over the ranks in rank order (as ar_one_shot), two ranks' loads at a time.
+        // 2 and 3. Take the peers' values (first reads of all of them in flight together) and
+        // sum over the ranks in rank order (as ar_one_shot).
         float acc[AR_K][8];
 #pragma unroll
         for (int k = 0; k < AR_K; ++k)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[k][j] = 0.f;
-        for (int r = 0; r < world; r += 2) {
-            const uint4* s0 = reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(bufs[r]) + off);
-            const uint4* s1 = r + 1 < world
-                                  ? reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(bufs[r + 1]) + off)
-                                  : s0;
-            uint4 p0[AR_K], p1[AR_K];
+        for (int r = 0; r < world; ++r) {
+            uint4 p[AR_K];
+            uint4* from = slot<uint4>(bufs[rank], cap, e & 1, world, r);
+#pragma unroll
+            for (int k = 0; k < AR_K; ++k)
+                if (t + k * AR_THREADS < cv) p[k] = r == rank ? own[k] : ld_sys(from + at[k]);
 #pragma unroll
             for (int k = 0; k < AR_K; ++k) {
                 if (t + k * AR_THREADS < cv) {
-                    p0[k] = __ldcv(s0 + at[k]);
-                    if (r + 1 < world) p1[k] = __ldcv(s1 + at[k]);
-                }
-            }
+                    if (r != rank) p[k] = take(from + at[k], p[k], stuck, timed_out);
+                    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&p[k]);
 #pragma unroll
-            for (int k = 0; k < AR_K; ++k) {
-                if (t + k * AR_THREADS < cv) {
-                    const __nv_bfloat16* h0 = reinterpret_cast<const __nv_bfloat16*>(&p0[k]);
-                    const __nv_bfloat16* h1 = reinterpret_cast<const __nv_bfloat16*>(&p1[k]);
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[k][j] += __bfloat162float(h0[j]);
-                    if (r + 1 < world) {
-#pragma unroll
-                        for (int j = 0; j < 8; ++j) acc[k][j] += __bfloat162float(h1[j]);
-                    }
+                    for (int j = 0; j < 8; ++j) acc[k][j] += __bfloat162float(h[j]);
                 }
             }
         }

@@ -15,12 +15,14 @@
 #   fail    a worker killed mid-run ends rank 0 with an error within 10 s; --tp 4 on two GPUs
 #           is refused before any weight is loaded; `generate --tp 2` works
 # Pick parts with TP_PARTS (default: all); narrow them with TP_EQUAL_MODELS, TP_BENCH_MODELS,
-# TP_BENCH_TPS (e.g. "1 2"), STEPS_BS and STEPS_TP. Expects gpu/bin/nanovllm (scripts/gpu/stage.sh).
+# TP_BENCH_TPS (e.g. "1 2"), STEPS_BS and STEPS_TP. Expects gpu/bin/nanovllm and gpu/bin/ar_bench
+# (scripts/gpu/stage.sh); TP_BIN and TP_AR_BENCH run other builds of them (a baseline).
 # Logs go to $OUT (default /tmp/nanovllm-tp); a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/nanovllm-tp}"
-bin=gpu/bin/nanovllm
+bin="${TP_BIN:-gpu/bin/nanovllm}"
+ar_bench="${TP_AR_BENCH:-gpu/bin/ar_bench}"
 parts="${TP_PARTS:-equal hf bench steps ar fail}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -143,7 +145,7 @@ fi
 if has ar; then
     for setting in "" "NANOVLLM_PDL=0" "NANOVLLM_CUSTOM_ALLREDUCE=0"; do
         tag="${setting:-default}"
-        if env $setting timeout 120 gpu/bin/ar_bench >"$out/ar-$tag.log" 2>&1; then
+        if env $setting timeout 120 "$ar_bench" >"$out/ar-$tag.log" 2>&1; then
             summary+=("ar_bench ${setting:-(one-shot, PDL)}:")
             while IFS= read -r line; do summary+=("  $line"); done < <(tail -n +2 "$out/ar-$tag.log")
         else

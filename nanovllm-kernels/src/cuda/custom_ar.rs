@@ -1,13 +1,15 @@
 //! The one-shot all-reduce of `cuda/custom_ar.cu` for decode-sized messages between the GPUs
-//! of one host: each rank shares one allocation with its peers through CUDA IPC (the handles
-//! travel through NCCL), and a call is one short kernel instead of NCCL's ring.
+//! of one host: each rank shares one allocation of receive slots with its peers through CUDA
+//! IPC (the handles travel through NCCL), and a call is one short kernel instead of NCCL's
+//! ring, in which every rank pushes its values into its peers' slots and waits for theirs in
+//! its own.
 //! [`super::NcclComm`] uses it for messages up to [`CustomAllReduce::capacity`] elements
 //! when every rank could set it up, and NCCL otherwise.
 //!
 //! The same kernel protocol also runs the all-reduce fused with the residual add + RMSNorm that
 //! follows it in a decoder layer ([`CustomAllReduce::all_reduce_add_rms_norm`], kernel
 //! `ar_add_rms_norm`): one launch instead of the all-reduce and `add_rms_norm`, with the same
-//! bits. Both kernels share each lane's buffers, flags and epochs.
+//! bits. Both kernels share each lane's slots and epochs.
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUipcMemHandle, CUipcMem_flags};
 use std::sync::Arc;
@@ -19,46 +21,47 @@ use nanovllm_utils::{Error, Result};
 use super::launch::Launch;
 use super::{driver_err, CudaBackend, CudaBuf};
 
-/// Most ranks the kernels handle (`AR_MAX_RANKS` in custom_ar.cu).
+/// Most ranks this path takes (each rank holds a receive slot per rank and parity).
 pub(crate) const MAX_RANKS: usize = 8;
-/// Elements of each of the two data buffers: 8 MiB of bf16, a decode step's hidden states at
-/// batch 512 and width 8,192.
+/// Elements of each receive slot: 8 MiB of bf16, a decode step's hidden states at batch 512
+/// and width 8,192.
 const CAPACITY: usize = 4 << 20;
-/// Elements of each data buffer of the small-message lane (batch <= 16 at width 4,096).
+/// Elements of each receive slot of the small-message lane (batch <= 16 at width 4,096).
 const SMALL_CAPACITY: usize = 64 << 10;
 /// Blocks of every launch of a lane: fixed, so that block b owns the same elements in every
-/// call. Messages up to SMALL_CAPACITY go through a lane of few blocks (less to schedule and
-/// synchronise), larger ones through one that spreads the copy over the GPU. Each lane has its
-/// own buffers, flags and counters, so the two never share memory.
+/// call. Messages up to SMALL_CAPACITY go through a lane of few blocks (less to schedule),
+/// larger ones through one that spreads the copy over the GPU. Each lane has its own slots and
+/// counters, so the two never share memory.
 const BLOCKS: u32 = 128;
 const SMALL_BLOCKS: u32 = 8;
 /// Threads per block of both kernels (`AR_THREADS` in custom_ar.cu).
 const THREADS: u32 = 512;
 /// Widest rows `ar_add_rms_norm` takes: 8 bf16 times `AR_CHUNK` in custom_ar.cu.
 const MAX_FUSED_HIDDEN: usize = 8 * 2 * THREADS as usize;
-/// Bytes of each lane's flags: one u32 per block and rank.
-const FLAG_BYTES: usize = BLOCKS as usize * MAX_RANKS * 4;
-const SMALL_FLAG_BYTES: usize = SMALL_BLOCKS as usize * MAX_RANKS * 4;
 const ELEM: usize = std::mem::size_of::<bf16>();
-/// Offsets in the shared allocation: big data, small data, big flags, small flags; total.
-const SMALL_DATA_AT: usize = 2 * CAPACITY * ELEM;
-const FLAGS_AT: usize = SMALL_DATA_AT + 2 * SMALL_CAPACITY * ELEM;
-const SMALL_FLAGS_AT: usize = FLAGS_AT + FLAG_BYTES;
-const SHARED_BYTES: usize = SMALL_FLAGS_AT + SMALL_FLAG_BYTES;
+/// The bytes of the empty mark (`AR_EMPTY` in custom_ar.cu: every bf16 0xFFFF).
+const EMPTY_BYTE: u8 = 0xff;
 const HANDLE_BYTES: usize = 64;
+
+/// Offset of the small lane's slots in the shared allocation of a `world`-rank group (the big
+/// lane's start at 0), and the allocation's size: each lane holds slots [parity][rank][cap].
+fn layout(world: usize) -> (usize, usize) {
+    let small_at = 2 * world * CAPACITY * ELEM;
+    (small_at, small_at + 2 * world * SMALL_CAPACITY * ELEM)
+}
 
 /// This rank's side of the one-shot all-reduce.
 pub(crate) struct CustomAllReduce {
-    /// Our shared allocation (layout: the `*_AT` offsets).
+    /// Our shared allocation (layout: [`layout`]).
     local: CUdeviceptr,
     /// Peer allocations opened through IPC (closed on drop).
     opened: Vec<CUdeviceptr>,
-    /// Device addresses, by rank: big data, big flags, small data, small flags (`world` each).
+    /// Device addresses of each lane's slots, by rank: big lane, small lane (`world` each).
     ptrs: CudaSlice<u64>,
     /// Per-block call counters of each lane (device memory, so graph replays advance them).
     epochs: CudaSlice<u32>,
     small_epochs: CudaSlice<u32>,
-    /// Set by a barrier that gave up waiting; later barriers skip their wait.
+    /// Set by a wait that gave up on a peer; later waits are skipped.
     stuck: CudaSlice<u32>,
     /// Host-mapped copy of `stuck` for the host to read cheaply: (host, device) addresses.
     timed_out: (*mut u32, CUdeviceptr),
@@ -78,19 +81,29 @@ fn cu(what: &str, r: sys::CUresult) -> Result<()> {
 }
 
 impl CustomAllReduce {
-    /// Allocates this rank's shared buffers and returns its IPC handle; [`Self::connect`]
-    /// finishes once every rank's handle is known.
-    pub(crate) fn allocate(_be: &CudaBackend) -> Result<(CUdeviceptr, [u8; HANDLE_BYTES])> {
-        let bytes = SHARED_BYTES;
+    /// Allocates this rank's receive slots for a group of `world` ranks, all marked empty, and
+    /// returns the allocation and its IPC handle; [`Self::connect`] finishes once every rank's
+    /// handle is known.
+    pub(crate) fn allocate(
+        _be: &CudaBackend,
+        world: usize,
+    ) -> Result<(CUdeviceptr, [u8; HANDLE_BYTES])> {
+        if !(2..=MAX_RANKS).contains(&world) {
+            return Err(Error::Cuda(format!(
+                "custom all-reduce: {world} ranks; 2..={MAX_RANKS} supported"
+            )));
+        }
+        let bytes = layout(world).1;
         // SAFETY: a plain synchronous allocation (IPC needs cuMemAlloc memory, not the stream
         // pool); the context is bound to this thread by the backend.
         let local = unsafe { cudarc::driver::result::malloc_sync(bytes) }
             .map_err(|e| driver_err("custom all-reduce: alloc", e))?;
         let mut handle = std::mem::MaybeUninit::<CUipcMemHandle>::uninit();
         let got = (|| {
-            // SAFETY: `local` is a live allocation of `bytes`; the flags start zeroed.
+            // SAFETY: `local` is a live allocation of `bytes`; every slot starts empty, before
+            // any peer can know the handle.
             unsafe {
-                cudarc::driver::result::memset_d8_sync(local, 0, bytes)
+                cudarc::driver::result::memset_d8_sync(local, EMPTY_BYTE, bytes)
                     .map_err(|e| driver_err("custom all-reduce: zero", e))?;
                 cu(
                     "get IPC handle",
@@ -141,7 +154,7 @@ impl CustomAllReduce {
         let parts = (|| {
             Ok::<_, Error>((
                 be.stream()
-                    .alloc_zeros::<u64>(4 * world)
+                    .alloc_zeros::<u64>(2 * world)
                     .map_err(|e| driver_err("custom all-reduce: alloc", e))?,
                 alloc(BLOCKS as usize)?,
                 alloc(SMALL_BLOCKS as usize)?,
@@ -193,10 +206,9 @@ impl CustomAllReduce {
             ar.opened.push(ptr);
             bases[r] = ptr;
         }
+        let small_at = layout(world).0 as u64;
         let mut table = bases.clone();
-        for at in [FLAGS_AT, SMALL_DATA_AT, SMALL_FLAGS_AT] {
-            table.extend(bases.iter().map(|b| b + at as u64));
-        }
+        table.extend(bases.iter().map(|b| b + small_at));
         be.stream()
             .memcpy_htod(&table, &mut ar.ptrs)
             .map_err(|e| driver_err("custom all-reduce: upload pointers", e))?;
@@ -211,7 +223,7 @@ impl CustomAllReduce {
         CAPACITY
     }
 
-    /// Whether a barrier gave up waiting for a peer: the results since are wrong.
+    /// Whether a wait gave up on a peer: the results since are wrong.
     pub(crate) fn timed_out(&self) -> bool {
         // SAFETY: a live host allocation of one u32, written by the device; a volatile read
         // sees the device's write once it is visible.
@@ -220,19 +232,13 @@ impl CustomAllReduce {
 
     /// The lane a message of `len` elements goes through.
     fn lane(&self, len: usize) -> Lane<'_> {
+        let w = self.world;
         let (first, cap, blocks, epochs) = match len <= SMALL_CAPACITY {
-            true => (
-                2 * self.world,
-                SMALL_CAPACITY,
-                SMALL_BLOCKS,
-                &self.small_epochs,
-            ),
+            true => (w, SMALL_CAPACITY, SMALL_BLOCKS, &self.small_epochs),
             false => (0, CAPACITY, BLOCKS, &self.epochs),
         };
-        let w = self.world;
         Lane {
-            bufs: self.ptrs.slice(first..first + w),
-            flags: self.ptrs.slice(first + w..first + 2 * w),
+            slots: self.ptrs.slice(first..first + w),
             epochs,
             cap: cap as i64,
             cfg: LaunchConfig {
@@ -249,8 +255,7 @@ impl CustomAllReduce {
         let lane = self.lane(len);
         let mut b = Launch::new(&self.stream, &self.kernel);
         b.arg(buf.raw_mut())
-            .arg(&lane.bufs)
-            .arg(&lane.flags)
+            .arg(&lane.slots)
             .arg(lane.epochs)
             .arg(&rank)
             .arg(&world)
@@ -260,8 +265,9 @@ impl CustomAllReduce {
             .arg(&self.timed_out.1);
         // SAFETY: matches ar_one_shot; it reads and writes len <= cap elements of `buf`
         // (checked by the caller against CAPACITY, and SMALL_CAPACITY picks the small lane),
-        // as many of each rank's lane buffer (each holds cap), one epoch per block (the lane's
-        // counters hold `blocks`) and flags [block][rank] inside the lane's flag area.
+        // as many of slot [parity][rank] of each peer's lane and of slots [parity][peer] of
+        // ours (each slot holds cap; every lane holds 2 * world slots), and one epoch per block
+        // (the lane's counters hold `blocks`).
         unsafe { b.launch(lane.cfg) }.map_err(|e| driver_err("custom all-reduce", e))?;
         Ok(())
     }
@@ -307,8 +313,7 @@ impl CustomAllReduce {
         b.arg(x.raw_mut())
             .arg(residual.raw_mut())
             .arg(weight.raw())
-            .arg(&lane.bufs)
-            .arg(&lane.flags)
+            .arg(&lane.slots)
             .arg(lane.epochs)
             .arg(&rank)
             .arg(&world)
@@ -322,9 +327,9 @@ impl CustomAllReduce {
         // SAFETY: matches ar_add_rms_norm. Block b reads and writes rows b, b + blocks, ...
         // of x and residual (n rows of hidden, checked above; distinct buffers, as &mut
         // guarantees) and reads hidden weights (checked); it writes n * hidden <= cap elements
-        // of this rank's lane buffer and reads as many of each rank's (each holds cap: the
-        // lane is picked by the same len as in `all_reduce`), one epoch per block (the lane's
-        // counters hold `blocks`) and flags [block][rank] inside the lane's flag area.
+        // of slot [parity][rank] of each peer's lane and reads and writes as many of slots
+        // [parity][peer] of ours (each slot holds cap: the lane is picked by the same len as in
+        // `all_reduce`), and one epoch per block (the lane's counters hold `blocks`).
         // `norm_threads` gives the kernel's layout: hidden % 8 == 0, hidden / 8 <= AR_CHUNK and
         // <= NORM_VPT * nt, nt a multiple of 32 and at most THREADS; the block is THREADS, its
         // __launch_bounds__.
@@ -334,11 +339,10 @@ impl CustomAllReduce {
     }
 }
 
-/// One lane's side of a launch: its buffers' and flags' addresses by rank, its per-block
-/// epochs, the elements of each data buffer, and its fixed grid.
+/// One lane's side of a launch: its slots' addresses by rank, its per-block epochs, the
+/// elements of each slot, and its fixed grid.
 struct Lane<'s> {
-    bufs: CudaView<'s, u64>,
-    flags: CudaView<'s, u64>,
+    slots: CudaView<'s, u64>,
     epochs: &'s CudaSlice<u32>,
     cap: i64,
     cfg: LaunchConfig,

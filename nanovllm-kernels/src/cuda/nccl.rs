@@ -126,7 +126,7 @@ impl NcclComm {
     /// "it worked") before anyone uses it. Every rank makes the same collective calls whatever
     /// fails locally.
     fn setup_custom(&self, be: &CudaBackend) -> Result<Option<CustomAllReduce>> {
-        let allocated = CustomAllReduce::allocate(be);
+        let allocated = CustomAllReduce::allocate(be, self.size);
         let mine = allocated.as_ref().map(|(_, h)| *h).unwrap_or([0; 64]);
         let handles = self.all_gather_64(&mine)?;
         let all_allocated = self.all_reduce_min(allocated.is_ok() as u64)? == 1;
