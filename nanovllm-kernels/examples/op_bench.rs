@@ -684,10 +684,12 @@ fn gemm_paths() -> [(&'static str, GemmPolicy); 3] {
 }
 
 /// The linear layers of Qwen3-0.6B (hidden 1024, intermediate 3072) and Qwen3-8B (hidden
-/// 4096, intermediate 12,288) as (name, N, K, the M to time).
+/// 4096, intermediate 12,288) as (name, N, K, the M to time); Qwen3-8B also as one rank of two
+/// shards it ("8B tp2": column-parallel layers half the N, row-parallel ones half the K), the
+/// shapes whose times should be half of the whole model's for tensor parallelism to pay.
 fn gemm_shapes(vocab: usize) -> Vec<(&'static str, usize, usize, Vec<usize>)> {
     let small = vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 16_384];
-    let big = vec![1, 16, 64, 256];
+    let big = vec![1, 16, 64, 128, 256];
     vec![
         ("0.6B qkv", 4096, 1024, small.clone()),
         ("0.6B o", 1024, 2048, small.clone()),
@@ -702,7 +704,13 @@ fn gemm_shapes(vocab: usize) -> Vec<(&'static str, usize, usize, Vec<usize>)> {
         ("8B qkv", 6144, 4096, big.clone()),
         ("8B o", 4096, 4096, big.clone()),
         ("8B gate_up", 24_576, 4096, big.clone()),
-        ("8B down", 4096, 12_288, big),
+        ("8B down", 4096, 12_288, big.clone()),
+        ("8B lm_head", vocab, 4096, big.clone()),
+        ("8B tp2 qkv", 3072, 4096, big.clone()),
+        ("8B tp2 o", 4096, 2048, big.clone()),
+        ("8B tp2 gate_up", 12_288, 4096, big.clone()),
+        ("8B tp2 down", 4096, 6144, big.clone()),
+        ("8B tp2 lm_head", vocab / 2, 4096, big),
     ]
 }
 
