@@ -165,6 +165,16 @@ impl HostInputs {
         })
     }
 
+    /// Whether a row draws with a top-k or top-p cut (over a vocabulary of `vocab`): such a
+    /// row needs its whole logits, so a tensor-parallel group gathers them to rank 0 instead
+    /// of sampling each rank's slice (see [`ModelRunner::run_ops`]).
+    fn has_cut(&self, vocab: usize) -> bool {
+        self.temperatures
+            .iter()
+            .zip(self.top_k.iter().zip(&self.top_p))
+            .any(|(&t, (&k, &p))| t > 0.0 && ((k > 0 && (k as usize) < vocab) || p < 1.0))
+    }
+
     /// Pads decode inputs to `rows` rows with harmless rows: token 0, slot -1, context 0.
     fn pad_decode(&mut self, rows: usize, max_blocks_per_seq: usize) {
         let n = self.input_ids.len();
@@ -243,8 +253,15 @@ pub struct ModelRunner<B: Backend> {
     sampled_host: Vec<u32>,
     limits: Limits,
     vocab_size: usize,
-    /// Captured decode graphs, ascending by batch size.
+    /// Captured decode graphs, ascending by batch size. With tensor parallelism they sample
+    /// each rank's vocabulary slice; the variants that gather whole rows (for batches with a
+    /// top-k / top-p cut) are captured the first time a batch needs one, in
+    /// `whole_row_graphs`.
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
+    whole_row_graphs: Vec<(usize, Box<dyn GraphExec>)>,
+    /// With tensor parallelism: every rank's best candidates of each row,
+    /// `[tp, 2, max_num_seqs]` ([`Backend::sample_shard`]).
+    sample_parts: B::Buf<u32>,
     stats: RunnerStats,
     profile: RunnerProfile,
     /// Rank 0 of a tensor-parallel group: the other ranks' processes, and the buffer each
@@ -329,6 +346,11 @@ impl<B: Backend> ModelRunner<B> {
         let ws = Workspace::new(&*be, &model, limits.max_num_tokens, limits.max_num_seqs)?;
         let bufs = StepBuffers::new(&*be, &limits)?;
         let sampled = be.zeros(limits.max_num_seqs)?;
+        let sample_parts = be.zeros(if tp > 1 {
+            tp * 2 * limits.max_num_seqs
+        } else {
+            1
+        })?;
 
         let block_bytes = KvCache::<B>::bytes_per_block(model_config, tp, block_size);
         let mut num_blocks = match config.num_kvcache_blocks {
@@ -382,6 +404,8 @@ impl<B: Backend> ModelRunner<B> {
             limits,
             vocab_size: model_config.vocab_size,
             graphs: Vec::new(),
+            whole_row_graphs: Vec::new(),
+            sample_parts,
             profile: RunnerProfile::default(),
             workers: None,
             call_buf: Vec::new(),
@@ -460,7 +484,8 @@ impl<B: Backend> ModelRunner<B> {
             };
             self.check_fits(&shape)?;
             self.upload(true)?;
-            self.run_ops(true, shape)?;
+            let sharded = self.shards_sampling();
+            self.run_ops(true, shape, sharded)?;
         }
         self.be.synchronize()?;
         self.stats.prefill_warm_up_seconds = t.elapsed().as_secs_f64();
@@ -481,6 +506,12 @@ impl<B: Backend> ModelRunner<B> {
     /// Sends this step's prepared inputs to the workers, if any, then copies them to this
     /// rank's device: the workers' wake-up and copies overlap this rank's.
     fn send_and_upload(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
+        self.send(kind, shape)?;
+        self.upload(matches!(kind, StepKind::Prefill | StepKind::Score))
+    }
+
+    /// Sends this step's prepared inputs to the workers, if any.
+    fn send(&mut self, kind: StepKind, shape: &BatchShape) -> Result<()> {
         if let Some(w) = &mut self.workers {
             let call = Call::Step(StepCall {
                 kind,
@@ -496,7 +527,7 @@ impl<B: Backend> ModelRunner<B> {
             call.encode_into(&mut self.call_buf);
             w.send(&self.call_buf)?;
         }
-        self.upload(matches!(kind, StepKind::Prefill | StepKind::Score))
+        Ok(())
     }
 
     /// A worker's command loop: runs each step rank 0 sends until it says exit. The steps'
@@ -512,21 +543,26 @@ impl<B: Backend> ModelRunner<B> {
             let shape = self.host.take_call(&call)?;
             self.check_fits(&shape)?;
             let is_prefill = matches!(kind, StepKind::Prefill | StepKind::Score);
-            self.upload(is_prefill)?;
+            let sharded = self.shards_sampling();
             match kind {
                 StepKind::DecodeGraph(bs) => {
-                    let graph = self.graphs.iter().find(|(b, _)| *b == bs);
-                    let graph = graph.ok_or_else(|| {
+                    // The same graph as rank 0's: both decide from the same inputs.
+                    let graph = self.decode_graph(bs, sharded)?.ok_or_else(|| {
                         Error::Worker(format!(
                             "rank 0 replays a graph of batch {bs} this rank lacks"
                         ))
                     })?;
-                    graph.1.replay()?;
+                    self.upload(false)?;
+                    self.graph(graph).replay()?;
                 }
                 StepKind::Score => {
-                    self.forward_logits(true, shape)?;
+                    self.upload(true)?;
+                    self.forward_logits(true, shape, true)?;
                 }
-                _ => self.run_ops(is_prefill, shape)?,
+                _ => {
+                    self.upload(is_prefill)?;
+                    self.run_ops(is_prefill, shape, sharded)?;
+                }
             }
             self.be.synchronize()?;
         }
@@ -563,18 +599,13 @@ impl<B: Backend> ModelRunner<B> {
     fn capture_graphs(&mut self) -> Result<()> {
         let t = Instant::now();
         let mut graphs = Vec::new();
+        // Padding rows are greedy: with tensor parallelism these graphs sample slices.
+        let sharded = self.model.comm().size() > 1;
         for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
             .iter()
             .rev()
         {
-            self.host.clear();
-            self.host.pad_decode(bs, self.limits.max_blocks_per_seq);
-            self.upload(false)?;
-            let shape = self.graph_shape(bs);
-            self.run_ops(false, shape)?;
-            let be = self.be.clone();
-            let graph = be.capture_graph(&mut || self.run_ops(false, shape))?;
-            match graph {
+            match self.capture_decode(bs, sharded)? {
                 Some(g) => graphs.push((bs, g)),
                 None => return Ok(()),
             }
@@ -587,6 +618,60 @@ impl<B: Backend> ModelRunner<B> {
         Ok(())
     }
 
+    /// Captures the decode graph of batch `bs` (sampling rank slices or whole rows), after one
+    /// eager run of it. Overwrites the host and device step inputs.
+    fn capture_decode(&mut self, bs: usize, sharded: bool) -> Result<Option<Box<dyn GraphExec>>> {
+        self.host.clear();
+        self.host.pad_decode(bs, self.limits.max_blocks_per_seq);
+        self.upload(false)?;
+        let shape = self.graph_shape(bs);
+        self.run_ops(false, shape, sharded)?;
+        let be = self.be.clone();
+        be.capture_graph(&mut || self.run_ops(false, shape, sharded))
+    }
+
+    /// Where the decode graph of bucket `bs` lives for a batch that samples rank slices
+    /// (`sharded`) or whole rows: `Some((in whole_row_graphs, index))`, `None` when `bs` has no
+    /// graph. A whole-row graph with tensor parallelism is captured here the first time a batch
+    /// needs it (every rank reaches this at the same step); the step's host inputs are kept,
+    /// and the caller uploads them afterwards.
+    fn decode_graph(&mut self, bs: usize, sharded: bool) -> Result<Option<(bool, usize)>> {
+        let Some(i) = self.graphs.iter().position(|(b, _)| *b == bs) else {
+            return Ok(None);
+        };
+        if sharded || self.model.comm().size() == 1 {
+            return Ok(Some((false, i)));
+        }
+        if let Some(j) = self.whole_row_graphs.iter().position(|(b, _)| *b == bs) {
+            return Ok(Some((true, j)));
+        }
+        let host = std::mem::take(&mut self.host);
+        let captured = self.capture_decode(bs, false);
+        self.host = host;
+        let graph = captured?.ok_or_else(|| {
+            Error::Other(format!(
+                "the backend captured the decode graphs but not batch {bs}'s whole-row variant"
+            ))
+        })?;
+        self.whole_row_graphs.push((bs, graph));
+        Ok(Some((true, self.whole_row_graphs.len() - 1)))
+    }
+
+    /// The graph [`Self::decode_graph`] found.
+    fn graph(&self, (whole_rows, i): (bool, usize)) -> &dyn GraphExec {
+        if whole_rows {
+            &*self.whole_row_graphs[i].1
+        } else {
+            &*self.graphs[i].1
+        }
+    }
+
+    /// Whether this step's rows are sampled by each rank on its vocabulary slice (tensor
+    /// parallelism, no row with a top-k / top-p cut) rather than gathered to rank 0.
+    fn shards_sampling(&self) -> bool {
+        self.model.comm().size() > 1 && !self.host.has_cut(self.vocab_size)
+    }
+
     fn graph_shape(&self, bs: usize) -> BatchShape {
         BatchShape {
             num_tokens: bs,
@@ -597,13 +682,12 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
-    /// Copies the host inputs of this step into the device buffers (the sampling parameters
-    /// only where they are used: on rank 0). An array whose bytes equal what its buffer last
+    /// Copies the host inputs of this step into the device buffers. An array whose bytes equal
+    /// what its buffer last
     /// received is not copied again: in steady decode the sampling parameters, the logits rows
     /// and most steps' block tables repeat, and each copy costs the host microseconds while
     /// the GPU waits. Only this function writes these buffers, so `uploaded` is exact.
     fn upload(&mut self, is_prefill: bool) -> Result<()> {
-        let samples = self.model.comm().rank() == 0;
         let be = &*self.be;
         let h = &self.host;
         let b = &mut self.bufs;
@@ -620,9 +704,6 @@ impl<B: Backend> ModelRunner<B> {
         }
         htod_changed(be, &h.block_tables, &mut b.block_tables, tables)?;
         htod_changed(be, &h.logits_indices, &mut b.logits_indices, rows)?;
-        if !samples {
-            return Ok(());
-        }
         htod_changed(be, &h.temperatures, &mut b.temperatures, temps)?;
         htod_changed(be, &h.top_k, &mut b.top_k, top_k)?;
         htod_changed(be, &h.top_p, &mut b.top_p, top_p)?;
@@ -727,11 +808,18 @@ impl<B: Backend> ModelRunner<B> {
         Ok(())
     }
 
-    /// Queues the forward pass, the LM head and (on rank 0) the sampler for a batch whose
-    /// inputs are already on the device. The sampled ids land in `sampled`.
-    fn run_ops(&mut self, is_prefill: bool, shape: BatchShape) -> Result<()> {
-        self.forward_logits(is_prefill, shape)?;
-        if self.model.comm().rank() != 0 {
+    /// Queues the forward pass, the LM head and the sampler for a batch whose inputs are
+    /// already on the device. The sampled ids land in `sampled` on rank 0. With tensor
+    /// parallelism and `sharded`, every rank samples its vocabulary slice of the logits and
+    /// the ranks exchange each row's best candidate (a few bytes per row instead of gathering
+    /// the logits; the same tokens, see [`Backend::sample_shard`]); otherwise the logits are
+    /// gathered and rank 0 samples whole rows (needed for a top-k / top-p cut).
+    fn run_ops(&mut self, is_prefill: bool, shape: BatchShape, sharded: bool) -> Result<()> {
+        let comm = self.model.comm().clone();
+        let (rank, tp) = (comm.rank(), comm.size());
+        let sharded = sharded && tp > 1;
+        self.forward_logits(is_prefill, shape, !sharded)?;
+        if !sharded && rank != 0 {
             return Ok(());
         }
         let ModelRunner {
@@ -739,6 +827,7 @@ impl<B: Backend> ModelRunner<B> {
             ws,
             bufs: b,
             sampled,
+            sample_parts,
             vocab_size,
             ..
         } = self;
@@ -749,11 +838,30 @@ impl<B: Backend> ModelRunner<B> {
             seeds: &b.seeds,
             steps: &b.steps,
         };
-        be.sample(ws.logits(), shape.num_seqs, *vocab_size, &params, sampled)
+        let rows = shape.num_seqs;
+        if !sharded {
+            return be.sample(ws.logits(), rows, *vocab_size, &params, sampled);
+        }
+        let width = *vocab_size / tp;
+        be.sample_shard(
+            ws.logits_part(),
+            rows,
+            width,
+            rank * width,
+            &params,
+            sample_parts,
+            rank,
+        )?;
+        comm.all_gather_u32(be, sample_parts, 2 * rows)?;
+        if rank == 0 {
+            be.sample_combine(sample_parts, rows, tp, sampled)?;
+        }
+        Ok(())
     }
 
-    /// Queues the forward pass and the LM head; the logits stay in the workspace.
-    fn forward_logits(&mut self, is_prefill: bool, shape: BatchShape) -> Result<()> {
+    /// Queues the forward pass and the LM head; the logits stay in the workspace (gathered to
+    /// rank 0 with `gather`, each rank's slice otherwise).
+    fn forward_logits(&mut self, is_prefill: bool, shape: BatchShape, gather: bool) -> Result<()> {
         let ModelRunner {
             be,
             model,
@@ -782,7 +890,7 @@ impl<B: Backend> ModelRunner<B> {
             num_logits: shape.num_logits,
         };
         model.forward(be, &b.input_ids, &ctx, kv, ws)?;
-        model.compute_logits(be, &ctx, ws)?;
+        model.compute_logits(be, &ctx, ws, gather)?;
         Ok(())
     }
 
@@ -796,22 +904,29 @@ impl<B: Backend> ModelRunner<B> {
             let shape = self.prepare_prefill(seqs)?;
             self.send_and_upload(StepKind::Prefill, &shape)?;
             self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
-            self.run_ops(true, shape)?;
+            let sharded = self.shards_sampling();
+            self.run_ops(true, shape, sharded)?;
         } else {
-            let graph = self.graphs.iter().position(|(bs, _)| *bs >= n);
-            match graph {
-                Some(i) => {
-                    let bs = self.graphs[i].0;
+            let bucket = self.graphs.iter().find(|(bs, _)| *bs >= n).map(|g| g.0);
+            match bucket {
+                Some(bs) => {
                     let shape = self.prepare_decode(seqs, bs)?;
-                    self.send_and_upload(StepKind::DecodeGraph(bs), &shape)?;
+                    let sharded = self.shards_sampling();
+                    self.send(StepKind::DecodeGraph(bs), &shape)?;
+                    // Workers find (or capture) the same graph from the same inputs.
+                    let graph = self
+                        .decode_graph(bs, sharded)?
+                        .ok_or_else(|| Error::Other(format!("no decode graph of batch {bs}")))?;
+                    self.upload(false)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
-                    self.graphs[i].1.replay()?;
+                    self.graph(graph).replay()?;
                 }
                 None => {
                     let shape = self.prepare_decode(seqs, n)?;
                     self.send_and_upload(StepKind::Decode, &shape)?;
                     self.profile.prepare_seconds += t0.elapsed().as_secs_f64();
-                    self.run_ops(false, shape)?;
+                    let sharded = self.shards_sampling();
+                    self.run_ops(false, shape, sharded)?;
                 }
             }
         }
@@ -866,7 +981,7 @@ impl<B: Backend> ModelRunner<B> {
             num_logits: n,
         };
         self.send_and_upload(StepKind::Score, &shape)?;
-        self.forward_logits(true, shape)?;
+        self.forward_logits(true, shape, true)?;
         let logits = self.ws.logits();
         let mut out = vec![bf16::ZERO; n * self.vocab_size];
         self.be.dtoh(logits, &mut out)?;

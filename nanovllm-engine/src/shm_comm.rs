@@ -147,6 +147,29 @@ impl TpComm<CpuBackend> for ShmComm {
         self.barrier()?;
         Ok(min)
     }
+
+    fn all_gather_u32(&self, _be: &CpuBackend, buf: &mut CpuBuf<u32>, count: usize) -> Result<()> {
+        const OP: &str = "ShmComm::all_gather_u32";
+        let all = self
+            .size
+            .checked_mul(count)
+            .filter(|&n| n <= buf.len())
+            .ok_or(Error::Shape {
+                op: OP,
+                tensor: "buf",
+                expected: self.size.saturating_mul(count),
+                found: buf.len(),
+            })?;
+        let mine = &buf.as_slice()[self.rank * count..(self.rank + 1) * count];
+        self.exchange(bytemuck::cast_slice(mine))?;
+        let out = &mut buf.as_mut_slice()[..all];
+        let result = (0..self.size).try_for_each(|r| {
+            let dst = &mut out[r * count..(r + 1) * count];
+            self.region.read_slot(r, bytemuck::cast_slice_mut(dst))
+        });
+        self.barrier()?;
+        result
+    }
 }
 
 #[cfg(test)]
@@ -188,12 +211,20 @@ mod tests {
             let mut full = CpuBuf::from_vec(vec![bf16::ZERO; 9]);
             c.gather_rank0(&be, &part, 2, &mut full).unwrap();
             let min = c.all_reduce_min(&be, 100 - c.rank() as u64).unwrap();
-            (buf.into_vec(), full.into_vec(), min)
+            // Each rank's two words (one with all 32 bits set) at its place, the rest junk.
+            let mut words = CpuBuf::from_vec(vec![7u32; 7]);
+            let r = c.rank() as u32;
+            words.as_mut_slice()[2 * c.rank()..2 * c.rank() + 2]
+                .copy_from_slice(&[r, u32::MAX - r]);
+            c.all_gather_u32(&be, &mut words, 2).unwrap();
+            (buf.into_vec(), full.into_vec(), min, words.into_vec())
         });
         let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
-        for (buf, _, min) in &out {
+        for (buf, _, min, words) in &out {
             assert_eq!(f(buf), vec![3.0, 30.0, 1.0]);
             assert_eq!(*min, 98);
+            let m = u32::MAX;
+            assert_eq!(words, &vec![0, m, 1, m - 1, 2, m - 2, 7]);
         }
         assert_eq!(
             f(&out[0].1),

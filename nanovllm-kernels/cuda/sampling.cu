@@ -41,6 +41,13 @@
 // twice the SM count the unfiltered rows are split over `splits` blocks, each writing its
 // (key, index) to a partial buffer that sample_reduce folds; a filtered row is worked by
 // its first block alone.
+//
+// Tensor parallelism (Backend::sample_shard / sample_combine): each rank runs `sample` in shard
+// mode on its vocabulary slice of rows without a cut, which gives each row's best (key,
+// column) of the slice (sample_reduce_part folds the splits); the ranks exchange those, and
+// sample_reduce folds them into the token. The Gumbel-max over the whole row is the best of
+// the slices' best keys (lowest column on ties), and every key is computed from the column's
+// own draw, so the token is the one the whole row gives, bit for bit.
 #include "common.cuh"
 
 #define THREADS 512
@@ -864,8 +871,13 @@ __device__ __forceinline__ void block_argmax(float& bk, uint32_t& bi, Smem& sm) 
     }
 }
 
+// logits: [rows, vocab]. With `shard`, the rows are columns col0 .. col0 + vocab of wider rows
+// (tensor parallelism: this rank's vocabulary slice, col0 a multiple of 8): every draw and
+// index is that of the whole row's column, top-k / top-p are ignored (the caller samples rows
+// with a cut from whole rows), and each row's best (key, column) goes to the partials even
+// with one split; folded over the ranks' slices they give the token of the whole row.
 extern "C" __global__ void __launch_bounds__(THREADS, 2)
-    sample(const bf16* __restrict__ logits, int vocab, const float* __restrict__ temperatures,
+    sample(const bf16* __restrict__ logits, int vocab, int col0, int shard, const float* __restrict__ temperatures,
            const int* __restrict__ top_k, const float* __restrict__ top_p,
            const unsigned long long* __restrict__ seeds, const unsigned int* __restrict__ steps,
            int splits, unsigned int* __restrict__ out, float* __restrict__ part_key,
@@ -873,13 +885,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     pdl_begin();
     __shared__ Smem sm;
     const int row = blockIdx.x / splits, split = blockIdx.x % splits;
-    const bf16* r = logits + (size_t)row * vocab;
-    const bool vec = (vocab & 7) == 0;
+    // r[i] is the logit of column i (only columns col0 .. col0 + vocab are read).
+    const bf16* r = logits + (size_t)row * vocab - col0;
+    const bool vec = ((vocab | col0) & 7) == 0;
     const float t = temperatures[row];
     const int k = top_k[row];
     const float p = top_p[row];
     const bool greedy = !(t > 0.f);
-    const bool filtered = !greedy && ((k > 0 && k < vocab) || p < 1.f);
+    const bool filtered = !shard && !greedy && ((k > 0 && k < vocab) || p < 1.f);
     const unsigned long long seed = seeds[row];
     const Gumbel g{t, 1.f / t, steps[row], (uint32_t)seed, (uint32_t)(seed >> 32), &sm.best};
     if (threadIdx.x == 0) sm.best = ord_of(-INFINITY);
@@ -888,7 +901,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     float bk = -INFINITY;
     uint32_t bi = 0xffffffffu;
     const int chunk = (((vocab + splits - 1) / splits) + 7) & ~7;
-    const int lo = min(vocab, split * chunk), hi = min(vocab, lo + chunk);
+    const int lo = col0 + min(vocab, split * chunk), hi = col0 + min(vocab, split * chunk + chunk);
     if (greedy) {
         for_each<4>(r, lo, hi, vec, [&](int i, float x) { better(x, (uint32_t)i, bk, bi); });
     } else if (!filtered) {
@@ -907,7 +920,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     }
     block_argmax(bk, bi, sm);
     if (threadIdx.x == 0) {
-        if (splits == 1) {
+        if (splits == 1 && !shard) {
             out[row] = bi == 0xffffffffu ? 0u : bi;
         } else {
             part_key[blockIdx.x] = bk;
@@ -916,16 +929,42 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     }
 }
 
-// Folds the per-split (key, index) partials of each row, in split order.
+// The best of the n partials (key, index) of a row: partial s of row r at r * row_step +
+// s * part_step (the splits of a row, or the ranks' slices of it).
+__device__ __forceinline__ void fold(const float* __restrict__ part_key, const unsigned int* __restrict__ part_idx,
+                                     int row, int n, int row_step, int part_step, float& bk, uint32_t& bi) {
+    bk = -INFINITY;
+    bi = 0xffffffffu;
+    for (int s = 0; s < n; ++s) {
+        const long long at = (long long)row * row_step + (long long)s * part_step;
+        better(part_key[at], part_idx[at], bk, bi);
+    }
+}
+
+// The token of each of `rows` rows from its n partials.
 extern "C" __global__ void sample_reduce(const float* __restrict__ part_key,
-                                         const unsigned int* __restrict__ part_idx, int rows,
-                                         int splits, unsigned int* __restrict__ out) {
+                                         const unsigned int* __restrict__ part_idx, int rows, int n,
+                                         int row_step, int part_step, unsigned int* __restrict__ out) {
     pdl_begin();
     const int row = blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= rows) return;
-    float bk = -INFINITY;
-    uint32_t bi = 0xffffffffu;
-    for (int s = 0; s < splits; ++s)
-        better(part_key[row * splits + s], part_idx[row * splits + s], bk, bi);
+    float bk;
+    uint32_t bi;
+    fold(part_key, part_idx, row, n, row_step, part_step, bk, bi);
     out[row] = bi == 0xffffffffu ? 0u : bi;
+}
+
+// The best (key, index) of each of `rows` rows from its n partials: a rank's slice of the row.
+extern "C" __global__ void sample_reduce_part(const float* __restrict__ part_key,
+                                              const unsigned int* __restrict__ part_idx, int rows, int n,
+                                              int row_step, int part_step, float* __restrict__ out_key,
+                                              unsigned int* __restrict__ out_idx) {
+    pdl_begin();
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    float bk;
+    uint32_t bi;
+    fold(part_key, part_idx, row, n, row_step, part_step, bk, bi);
+    out_key[row] = bk;
+    out_idx[row] = bi;
 }

@@ -18,6 +18,8 @@
 //! non-zero on any failure. `OP_CHECK_SEED=<n>` repeats a run's inputs; `OP_CHECK_FILTER=<s>`
 //! runs only the ops whose name contains `s`; `OP_CHECK_MAX=<n>` skips cases whose largest
 //! input holds more than `n` elements (quick runs, e.g. under compute-sanitizer).
+//! `OP_CHECK_BREAK_SHARD=1` gives the sharded sampler a wrong column offset, to show that its
+//! check fails.
 
 use std::time::Instant;
 
@@ -25,7 +27,7 @@ use nanovllm_kernels::backend::Elem;
 use nanovllm_kernels::cpu::{rope_cos_sin_cache, CpuBackend};
 use nanovllm_kernels::cuda::{CudaBackend, GemmPolicy, GemmTuning, SKINNY_LIMIT};
 use nanovllm_kernels::{bf16, AttnParams, Backend, SamplingBufs};
-use nanovllm_utils::Result;
+use nanovllm_utils::{Error, Result};
 
 /// Elements of slack after each output, which must keep their poison.
 const SLACK: usize = 19;
@@ -985,6 +987,113 @@ impl Case for Sample {
     }
 }
 
+/// Sampling rows split by columns over `ranks` ranks (tensor parallelism): each slice through
+/// `sample_shard`, the parts through `sample_combine`. The rows carry no top-k / top-p cut (the
+/// sharded path takes none); the mixes cycle through greedy and three temperatures. On each
+/// backend the combined tokens must equal that backend's `sample` of the whole rows exactly
+/// (else the case errors); the tokens are then compared across backends as `sample`'s are.
+struct SampleShard {
+    whole: Sample,
+    ranks: usize,
+}
+
+impl SampleShard {
+    fn new(
+        rng: &mut Rng,
+        rows: usize,
+        vocab: usize,
+        ties: bool,
+        peaked: bool,
+        ranks: usize,
+    ) -> Self {
+        let mut whole = Sample::new(
+            rng,
+            rows,
+            vocab,
+            if ties { "ties" } else { "gumbel" },
+            peaked,
+        );
+        for r in 0..rows {
+            whole.temperatures[r] = [0.0, 0.6, 1.0, 1.3][r % 4];
+            whole.top_k[r] = 0;
+            whole.top_p[r] = 1.0;
+        }
+        SampleShard { whole, ranks }
+    }
+}
+
+impl Case for SampleShard {
+    fn size(&self) -> usize {
+        self.whole.size()
+    }
+    fn op(&self) -> &'static str {
+        "sample_shard"
+    }
+    fn shape(&self) -> String {
+        format!("{} over {} ranks", self.whole.shape(), self.ranks)
+    }
+    fn tol(&self) -> Tol {
+        Tol::Tokens
+    }
+    fn exact_rows(&self) -> Vec<bool> {
+        self.whole.exact_rows()
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
+        let w = &self.whole;
+        let want = &self.whole.run(b)?[0].data;
+        let width = w.vocab / self.ranks;
+        let (t, k, p) = (up(b, &w.temperatures)?, up(b, &w.top_k)?, up(b, &w.top_p)?);
+        let (s, st) = (up(b, &w.seeds)?, up(b, &w.steps)?);
+        let params = SamplingBufs {
+            temperatures: &t,
+            top_k: &k,
+            top_p: &p,
+            seeds: &s,
+            steps: &st,
+        };
+        let mut parts = b.from_host(&vec![u32::MAX; self.ranks * 2 * w.rows])?;
+        for q in 0..self.ranks {
+            let slice: Vec<bf16> = w
+                .logits
+                .chunks(w.vocab)
+                .flat_map(|row| row[q * width..(q + 1) * width].iter().copied())
+                .collect();
+            let slice = up(b, &slice)?;
+            // OP_CHECK_BREAK_SHARD=1 shows that this check catches a wrong column offset.
+            let skew = if q > 0 && std::env::var_os("OP_CHECK_BREAK_SHARD").is_some() {
+                8
+            } else {
+                0
+            };
+            b.sample_shard(
+                &slice,
+                w.rows,
+                width,
+                q * width + skew,
+                &params,
+                &mut parts,
+                q,
+            )?;
+        }
+        let mut out = b.from_host(&vec![u32::MAX; w.rows + SLACK])?;
+        b.sample_combine(&parts, w.rows, self.ranks, &mut out)?;
+        let got: Vec<f32> = down(b, &out)?.into_iter().map(|v| v as f32).collect();
+        if got[..w.rows] != want[..w.rows] {
+            let r = (0..w.rows).find(|&r| got[r] != want[r]).unwrap_or(0);
+            return Err(Error::Other(format!(
+                "sharded sampling differs from whole rows at row {r}: {} vs {}",
+                got[r], want[r]
+            )));
+        }
+        Ok(vec![Checked {
+            name: "tokens",
+            data: got,
+            written: w.rows,
+            poisoned_tail: true,
+        }])
+    }
+}
+
 /// A paged KV cache filled with random values, and block tables into it.
 struct Paged {
     attn: AttnParams,
@@ -1535,6 +1644,21 @@ fn main() {
             (3, 17, "mixed", false),
         ] {
             rep.check(&cpu, &gpu, &Sample::new(&mut rng, rows, vocab, mix, peaked));
+        }
+    }
+    if on("sample_shard") {
+        let v = 151_936;
+        for (rows, ties, peaked, ranks) in [
+            (1, false, false, 2),
+            (7, false, true, 2),
+            (64, true, false, 2),
+            (256, false, false, 2),
+            (256, false, true, 2),
+            (256, false, false, 4),
+            (100, true, true, 4),
+        ] {
+            let case = SampleShard::new(&mut rng, rows, v, ties, peaked, ranks);
+            rep.check(&cpu, &gpu, &case);
         }
     }
     if on("decode_attention") {

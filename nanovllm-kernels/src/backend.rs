@@ -334,6 +334,38 @@ pub trait Backend: Send + Sync + Sized + 'static {
         params: &SamplingBufs<'_, Self>,
         out: &mut Self::Buf<u32>,
     ) -> Result<()>;
+
+    /// One rank's part of [`Backend::sample`] over rows split by columns (tensor parallelism:
+    /// each rank holds a vocabulary slice of the logits). `logits` is `[rows, width]`, columns
+    /// `col0 .. col0 + width` of the whole rows (`col0` and `width` multiples of 8). For each
+    /// row `r` it writes the slice's best candidate into `parts[slot * 2 * rows ..]`: at `r`
+    /// its score's f32 bits (the logit when greedy, the Gumbel key otherwise), at `rows + r`
+    /// its column in the whole row. Scores and draws are those of the whole row's columns, so
+    /// [`Backend::sample_combine`] over every rank's part gives the token `sample` draws from
+    /// the whole rows, bit for bit. Top-k and top-p are ignored: rows with a cut need the
+    /// whole row, and the caller samples them with `sample` instead.
+    #[allow(clippy::too_many_arguments)]
+    fn sample_shard(
+        &self,
+        logits: &Self::Buf<bf16>,
+        rows: usize,
+        width: usize,
+        col0: usize,
+        params: &SamplingBufs<'_, Self>,
+        parts: &mut Self::Buf<u32>,
+        slot: usize,
+    ) -> Result<()>;
+
+    /// The token of each of `rows` rows from the `ranks` parts of [`Backend::sample_shard`]
+    /// laid out one after another in `parts` (rank `q`'s at `parts[q * 2 * rows ..]`): the best
+    /// score, the lowest column on ties.
+    fn sample_combine(
+        &self,
+        parts: &Self::Buf<u32>,
+        rows: usize,
+        ranks: usize,
+        out: &mut Self::Buf<u32>,
+    ) -> Result<()>;
 }
 
 /// A captured graph of ops, replayed on the backend's stream.

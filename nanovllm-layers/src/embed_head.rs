@@ -208,6 +208,12 @@ impl<B: Backend> LogitsBuffers<B> {
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }
+
+    /// This rank's vocabulary slice of the last [`ParallelLMHead::forward`]'s rows,
+    /// `[rows, vocab / tp]` (the whole rows when `tp == 1`).
+    pub fn part(&self) -> &B::Buf<bf16> {
+        &self.part
+    }
 }
 
 /// The LM head: logits of the wanted rows for this rank's vocabulary slice, gathered to rank 0.
@@ -265,13 +271,16 @@ impl<B: Backend> ParallelLMHead<B> {
     /// (`[num_tokens, hidden]`, already normalised).
     ///
     /// Returns `[num_logits, vocab]` on rank 0. On other ranks (`tp > 1`) it returns this
-    /// rank's slice `[num_logits, vocab / tp]`, which only rank 0 may sample from.
+    /// rank's slice `[num_logits, vocab / tp]`, which only rank 0 may sample from. Without
+    /// `gather` every rank returns its slice and nothing is gathered (the ranks then sample
+    /// their slices: [`Backend::sample_shard`]).
     pub fn forward<'a>(
         &self,
         be: &B,
         hidden_states: &B::Buf<bf16>,
         ctx: &Context<'_, B>,
         bufs: &'a mut LogitsBuffers<B>,
+        gather: bool,
     ) -> Result<&'a B::Buf<bf16>> {
         let rows = ctx.num_logits;
         if rows > bufs.max_rows {
@@ -299,7 +308,7 @@ impl<B: Backend> ParallelLMHead<B> {
             hidden,
             &mut bufs.part,
         )?;
-        if self.comm.size() == 1 {
+        if self.comm.size() == 1 || !gather {
             return Ok(&bufs.part);
         }
         let len = rows * s.per_partition;
@@ -398,7 +407,7 @@ mod tests {
                 let mut bufs = LogitsBuffers::new(&be, VOCAB, HIDDEN, &*comm, 4).unwrap();
                 let hc = HeadCtx::new(&chosen);
                 let xb = CpuBuf::from_vec(x.clone());
-                let logits = head.forward(&be, &xb, &hc.ctx(n), &mut bufs).unwrap();
+                let logits = head.forward(&be, &xb, &hc.ctx(n), &mut bufs, true).unwrap();
                 logits.as_slice().to_vec()
             });
             let rows = chosen.len();
@@ -433,7 +442,13 @@ mod tests {
         let x = rand_bf16(2 * HIDDEN, 5);
         let hc = HeadCtx::new(&[1, 0]);
         let logits = head
-            .forward(&be, &CpuBuf::from_vec(x.clone()), &hc.ctx(2), &mut bufs)
+            .forward(
+                &be,
+                &CpuBuf::from_vec(x.clone()),
+                &hc.ctx(2),
+                &mut bufs,
+                true,
+            )
             .unwrap();
         let swapped: Vec<bf16> = x[HIDDEN..].iter().chain(&x[..HIDDEN]).copied().collect();
         assert_close(
@@ -444,7 +459,7 @@ mod tests {
         // More rows than the buffers hold is an error, not an overrun.
         let hc = HeadCtx::new(&[0, 1, 1]);
         let err = head
-            .forward(&be, &CpuBuf::from_vec(x), &hc.ctx(2), &mut bufs)
+            .forward(&be, &CpuBuf::from_vec(x), &hc.ctx(2), &mut bufs, true)
             .err()
             .unwrap();
         assert!(

@@ -74,6 +74,10 @@ pub trait TpComm<B: Backend>: Send + Sync {
     /// The smallest `value` over all ranks, returned on every rank (how the ranks agree on
     /// one KV-cache size when each measured its own free memory).
     fn all_reduce_min(&self, be: &B, value: u64) -> Result<u64>;
+    /// In place over `buf[..size() * count]`: rank `r`'s `count` elements at
+    /// `buf[r * count..]` reach every rank (the exchange of each rank's best candidates when
+    /// the ranks sample their vocabulary slices: [`Backend::sample_shard`]).
+    fn all_gather_u32(&self, be: &B, buf: &mut B::Buf<u32>, count: usize) -> Result<()>;
 }
 
 /// The group of one rank: no sharding, every collective a no-op.
@@ -107,6 +111,10 @@ impl<B: Backend> TpComm<B> for SingleRank {
 
     fn all_reduce_min(&self, _be: &B, value: u64) -> Result<u64> {
         Ok(value)
+    }
+
+    fn all_gather_u32(&self, _be: &B, _buf: &mut B::Buf<u32>, _count: usize) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -301,6 +309,38 @@ impl TpComm<CpuBackend> for ThreadComm {
         drop(self.meet(st)?);
         Ok(min)
     }
+
+    fn all_gather_u32(&self, _be: &CpuBackend, buf: &mut CpuBuf<u32>, count: usize) -> Result<()> {
+        const OP: &str = "ThreadComm::all_gather_u32";
+        let size = self.group.size;
+        let all = size
+            .checked_mul(count)
+            .filter(|&n| n <= buf.len())
+            .ok_or_else(|| shape_err(OP, "buf", size.saturating_mul(count), buf.len()))?;
+        // Two bf16 carry each u32 exactly (bit patterns, not numbers).
+        let mine = &buf.as_slice()[self.rank * count..(self.rank + 1) * count];
+        let words: Vec<bf16> = mine
+            .iter()
+            .flat_map(|&v| [bf16::from_bits(v as u16), bf16::from_bits((v >> 16) as u16)])
+            .collect();
+        let st = self.exchange(&words)?;
+        if let Some(r) = st.slots.iter().position(|s| s.len() != 2 * count) {
+            return Err(Error::Worker(format!(
+                "{OP}: rank {r} sent {} halves, rank {} {}",
+                st.slots[r].len(),
+                self.rank,
+                2 * count
+            )));
+        }
+        for (out, pair) in buf.as_mut_slice()[..all]
+            .iter_mut()
+            .zip(st.slots.iter().flat_map(|s| s.chunks_exact(2)))
+        {
+            *out = u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+        }
+        drop(self.meet(st)?);
+        Ok(())
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -354,6 +394,15 @@ mod nccl {
 
         fn all_reduce_min(&self, _be: &CudaBackend, value: u64) -> Result<u64> {
             NcclComm::all_reduce_min(self, value)
+        }
+
+        fn all_gather_u32(
+            &self,
+            _be: &CudaBackend,
+            buf: &mut CudaBuf<u32>,
+            count: usize,
+        ) -> Result<()> {
+            NcclComm::all_gather_u32(self, buf, count)
         }
     }
 }
@@ -425,6 +474,29 @@ mod tests {
         });
         assert_eq!(out[0], vec![1.0, 1.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0]);
         assert_eq!(out[1], vec![0.0; 8]);
+    }
+
+    /// Every rank ends with every rank's words, all 32 bits of each (NaN patterns included).
+    #[test]
+    fn thread_comm_all_gathers_u32_in_place() {
+        let be = CpuBackend::new();
+        let out = on_threads(3, |c| {
+            let r = c.rank() as u32;
+            let mut words = CpuBuf::from_vec(vec![5u32; 7]);
+            words.as_mut_slice()[2 * c.rank()..2 * c.rank() + 2]
+                .copy_from_slice(&[r, 0xffff_ffc0 - r]);
+            c.all_gather_u32(&be, &mut words, 2).unwrap();
+            words.into_vec()
+        });
+        for words in out {
+            assert_eq!(
+                words,
+                vec![0, 0xffff_ffc0, 1, 0xffff_ffbf, 2, 0xffff_ffbe, 5]
+            );
+        }
+        let comms = ThreadComm::group(2);
+        let mut short = CpuBuf::from_vec(vec![0u32; 3]);
+        assert!(comms[0].all_gather_u32(&be, &mut short, 2).is_err());
     }
 
     #[test]

@@ -196,6 +196,12 @@ impl<B: Backend> Workspace<B> {
         self.logits.output()
     }
 
+    /// This rank's vocabulary slice of the last [`Qwen3ForCausalLM::compute_logits`]'s rows,
+    /// `[rows, vocab / tp]` (the whole rows with one rank).
+    pub fn logits_part(&self) -> &B::Buf<bf16> {
+        self.logits.part()
+    }
+
     /// The final hidden states `[num_tokens, hidden]` of the last forward pass (after the final
     /// norm).
     pub fn hidden_states(&self) -> &B::Buf<bf16> {
@@ -556,18 +562,20 @@ impl<B: Backend> Qwen3ForCausalLM<B> {
     /// Logits of the rows `ctx.logits_indices[..ctx.num_logits]` of the last forward pass:
     /// `[num_logits, vocab_size]` (row-major, in a buffer that may be longer). With
     /// tensor parallelism only rank 0 gets whole rows; other ranks get their vocabulary slice
-    /// `[num_logits, vocab_size / tp]` and must not sample.
+    /// `[num_logits, vocab_size / tp]` and must not sample. Without `gather` no rows are
+    /// gathered and every rank gets its slice (for [`Backend::sample_shard`]).
     pub fn compute_logits<'w>(
         &self,
         be: &B,
         ctx: &Context<'_, B>,
         ws: &'w mut Workspace<B>,
+        gather: bool,
     ) -> Result<&'w B::Buf<bf16>> {
         let head = self.lm_head.as_ref().ok_or_else(|| {
             Error::Other("Qwen3ForCausalLM: the LM head is not loaded".to_string())
         })?;
         let Workspace { hidden, logits, .. } = ws;
-        head.forward(be, hidden, ctx, logits)
+        head.forward(be, hidden, ctx, logits, gather)
     }
 
     /// Checks that the step fits the workspace and the cache was made for this model.

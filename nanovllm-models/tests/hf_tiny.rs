@@ -300,7 +300,7 @@ impl Runner {
         };
         self.model
             .forward(be, &input_ids, &ctx, &mut self.kv, &mut self.ws)?;
-        let logits: &CpuBuf<bf16> = self.model.compute_logits(be, &ctx, &mut self.ws)?;
+        let logits: &CpuBuf<bf16> = self.model.compute_logits(be, &ctx, &mut self.ws, true)?;
         let width = logits.len() / MAX_TOKENS; // vocab on rank 0, vocab / tp elsewhere
         Ok(logits.as_slice()[..rows.len() * width]
             .chunks(width)

@@ -152,6 +152,42 @@ fn tp2_matches_tp1_and_hf_in_every_mode() {
     }
 }
 
+/// Without a top-k / top-p cut each rank samples its vocabulary slice and the ranks exchange
+/// their best candidates; a cut makes them gather the logits to rank 0 instead. On the same
+/// logits both draw the same tokens: a top-k of vocab - 1 forces the gather and drops only the
+/// least likely token, which these seeded draws never pick.
+#[test]
+fn tp2_samples_vocabulary_slices_as_it_samples_whole_rows() {
+    let _g = serial();
+    let cases = cases();
+    let mut two = llm(2, |_| {});
+    let vocab = two.model_config().vocab_size;
+    let sampled = |top_k: usize| nanovllm::SamplingParams {
+        temperature: 1.5,
+        top_k,
+        max_tokens: 24,
+        ignore_eos: true,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let tokens = |llm: &mut LLM, params| -> Vec<Vec<u32>> {
+        llm.generate(&prompts(&cases), &[params], false)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.token_ids)
+            .collect()
+    };
+    let slices = tokens(&mut two, sampled(0));
+    let whole = tokens(&mut two, sampled(vocab - 1));
+    assert_eq!(
+        slices, whole,
+        "sampled slices differ from sampled whole rows"
+    );
+    // Random draws, not the greedy path in disguise.
+    let greedy = tokens(&mut two, greedy(24));
+    assert_ne!(slices, greedy);
+}
+
 #[test]
 fn dropping_the_llm_ends_the_workers_and_leaves_no_shared_memory() {
     let _g = serial();

@@ -5,6 +5,10 @@
 #           and the one-shot all-reduce and its fusion with the residual add + RMSNorm against
 #           NCCL's all-reduce followed by add_rms_norm (NANOVLLM_CUSTOM_ALLREDUCE=0) at --tp 2:
 #           the same bits are required (identical greedy tokens, logits max |diff| exactly 0)
+#   slices  sampling at --tp 2: each rank draws from its vocabulary slice and the ranks exchange
+#           their best candidates; a top-k cut (vocab - 1, which drops only the least likely
+#           token) makes them gather whole rows instead, through decode graphs captured when
+#           first needed. The same seeded draws must give the same text, in graphs and eagerly
 #   hf      scripts/gpu/hf_compare.py with --tp 2 (quick: one config)
 #   bench   `nanovllm bench` (bench.py's workload) at tp 1 and tp 2 (and tp 2 on NCCL alone),
 #           Qwen3-0.6B and Qwen3-8B
@@ -23,7 +27,7 @@ cd "$(dirname "$0")/../.."
 out="${OUT:-/tmp/nanovllm-tp}"
 bin="${TP_BIN:-gpu/bin/nanovllm}"
 ar_bench="${TP_AR_BENCH:-gpu/bin/ar_bench}"
-parts="${TP_PARTS:-equal hf bench steps ar fail}"
+parts="${TP_PARTS:-equal slices hf bench steps ar fail}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -97,6 +101,23 @@ PY
         else
             summary+=("$(tail -2 "$out/equal-$model.log" | head -1)")
             summary+=("$(tail -1 "$out/equal-$model.log")")
+        fi
+    done
+fi
+
+if has slices; then
+    for eager in "" "--enforce-eager"; do
+        gen() {
+            timeout 200 "$bin" generate --tp 2 --model qwen3-0.6b --temperature 1.0 --seed 5 --ignore-eos \
+                --max-tokens 48 --prompt "Tensor parallelism splits the vocabulary" $eager "$@" 2>>"$out/slices.err"
+        }
+        a=$(gen --top-k 0); b=$(gen --top-k 151935); g=$(gen --temperature 0)
+        if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$a" != "$g" ]; then
+            summary+=("slices ${eager:-(graphs)}: sampled slices = gathered whole rows (${#a} chars), not greedy -> PASS")
+        else
+            status=1
+            summary+=("slices ${eager:-(graphs)}: FAIL (slices ${#a} chars, whole rows ${#b}, same: $([ "$a" = "$b" ] && echo yes || echo no))")
+            printf '%s\n---\n%s\n---\n%s\n' "$a" "$b" "$g" >>"$out/slices.log"
         fi
     done
 fi

@@ -464,6 +464,43 @@ impl Backend for CpuBackend {
             &mut out.0,
         )
     }
+
+    fn sample_shard(
+        &self,
+        logits: &CpuBuf<bf16>,
+        rows: usize,
+        width: usize,
+        col0: usize,
+        params: &SamplingBufs<'_, Self>,
+        parts: &mut CpuBuf<u32>,
+        slot: usize,
+    ) -> Result<()> {
+        sample::sample_shard(
+            &logits.0,
+            rows,
+            width,
+            col0,
+            sample::SampleParams {
+                temperatures: &params.temperatures.0,
+                top_k: &params.top_k.0,
+                top_p: &params.top_p.0,
+                seeds: &params.seeds.0,
+                steps: &params.steps.0,
+            },
+            &mut parts.0,
+            slot,
+        )
+    }
+
+    fn sample_combine(
+        &self,
+        parts: &CpuBuf<u32>,
+        rows: usize,
+        ranks: usize,
+        out: &mut CpuBuf<u32>,
+    ) -> Result<()> {
+        sample::sample_combine(&parts.0, rows, ranks, &mut out.0)
+    }
 }
 
 #[cfg(test)]

@@ -64,14 +64,8 @@ pub(super) fn sample(
             "op {OP}: vocab ({vocab}) must be between 1 and 2^32 - 1"
         )));
     }
-    for r in 0..rows {
-        let t = temperatures[r];
-        if !(t.is_finite() && t >= 0.0) {
-            return Err(Error::Other(format!(
-                "op {OP}: temperatures[{r}] = {t} must be finite and >= 0"
-            )));
-        }
-        let p = top_p[r];
+    check_temperatures(OP, temperatures)?;
+    for (r, &p) in top_p.iter().enumerate() {
         if !(p > 0.0 && p <= 1.0) {
             return Err(Error::Other(format!(
                 "op {OP}: top_p[{r}] = {p} must be in (0, 1]"
@@ -92,6 +86,122 @@ pub(super) fn sample(
                 sample_row(row, temperatures[r], k, top_p[r], seeds[r], steps[r])
             };
         });
+    Ok(())
+}
+
+/// One rank's part of sampling rows split by columns (see [`crate::Backend::sample_shard`]):
+/// `logits` holds columns `col0 .. col0 + width` of each row; each row's best (score, column)
+/// goes to `parts[slot * 2 * rows ..]`, the score's bits at `r`, the column at `rows + r`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sample_shard(
+    logits: &[bf16],
+    rows: usize,
+    width: usize,
+    col0: usize,
+    params: SampleParams<'_>,
+    parts: &mut [u32],
+    slot: usize,
+) -> Result<()> {
+    const OP: &str = "sample_shard";
+    let logits = prefix(OP, "logits", logits, numel(OP, "logits", &[rows, width])?)?;
+    let temperatures = prefix(OP, "temperatures", params.temperatures, rows)?;
+    let seeds = prefix(OP, "seeds", params.seeds, rows)?;
+    let steps = prefix(OP, "steps", params.steps, rows)?;
+    let at = numel(OP, "parts", &[slot, 2, rows])?;
+    let part = prefix_mut(
+        OP,
+        "parts",
+        parts,
+        numel(OP, "parts", &[slot + 1, 2, rows])?,
+    )?;
+    let (keys, cols) = part[at..].split_at_mut(rows);
+    if rows == 0 {
+        return Ok(());
+    }
+    let end = col0.checked_add(width).and_then(|e| u32::try_from(e).ok());
+    if width == 0 || end.is_none() {
+        return Err(Error::Other(format!(
+            "op {OP}: {width} columns from {col0} must be a non-empty range below 2^32"
+        )));
+    }
+    check_temperatures(OP, temperatures)?;
+    keys.par_iter_mut()
+        .zip(cols.par_iter_mut())
+        .zip(logits.par_chunks(width))
+        .enumerate()
+        .for_each(|(r, ((k, c), row))| {
+            let (score, col) = slice_best(row, col0 as u32, temperatures[r], seeds[r], steps[r]);
+            *k = score.to_bits();
+            *c = col;
+        });
+    Ok(())
+}
+
+/// The token of each row from `ranks` parts of [`sample_shard`]: the best score, the lowest
+/// column on ties (see [`crate::Backend::sample_combine`]).
+pub(super) fn sample_combine(
+    parts: &[u32],
+    rows: usize,
+    ranks: usize,
+    out: &mut [u32],
+) -> Result<()> {
+    const OP: &str = "sample_combine";
+    let parts = prefix(OP, "parts", parts, numel(OP, "parts", &[ranks, 2, rows])?)?;
+    let out = prefix_mut(OP, "out", out, rows)?;
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut best = (f32::NEG_INFINITY, u32::MAX);
+        for part in parts.chunks_exact(2 * rows) {
+            let (k, c) = (f32::from_bits(part[r]), part[rows + r]);
+            if k > best.0 || (k == best.0 && c < best.1) {
+                best = (k, c);
+            }
+        }
+        *o = if best.1 == u32::MAX { 0 } else { best.1 };
+    }
+    Ok(())
+}
+
+/// The best (score, column) of a slice of one row whose first column is `col0`: the largest
+/// logit when greedy, else the largest Gumbel key `logit / t - ln(-ln u)` with the whole row's
+/// draw of each column; the lowest column on ties. The same shortcuts as [`gumbel_max`], which
+/// never change the result.
+fn slice_best(row: &[bf16], col0: u32, t: f32, seed: u64, step: u32) -> (f32, u32) {
+    let top = argmax(row);
+    if t == 0.0 {
+        return (logit(row, top), col0 + top);
+    }
+    let top_a = logit(row, top) / t;
+    let mut best = (
+        score(row, t, top, philox_uniform(seed, step, col0 + top)),
+        top,
+    );
+    let mut floor = draw_floor(best.0, top_a);
+    for i in 0..row.len() as u32 {
+        if logit(row, i) / t + GUMBEL_MAX < best.0 {
+            continue;
+        }
+        let u = philox_uniform(seed, step, col0 + i);
+        if u < floor {
+            continue;
+        }
+        let s = score(row, t, i, u);
+        if s > best.0 || (s == best.0 && i < best.1) {
+            best = (s, i);
+            floor = draw_floor(best.0, top_a);
+        }
+    }
+    (best.0, col0 + best.1)
+}
+
+/// Every temperature finite and `>= 0`.
+fn check_temperatures(op: &str, temperatures: &[f32]) -> Result<()> {
+    for (r, &t) in temperatures.iter().enumerate() {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(Error::Other(format!(
+                "op {op}: temperatures[{r}] = {t} must be finite and >= 0"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -429,6 +539,64 @@ mod tests {
                 gumbel_sweep(false, &row, t, seed, step, top, Some(&member)),
                 want
             );
+        }
+    }
+
+    /// Sampling rows split by columns over 2-4 ranks (each rank's best, then the fold) gives
+    /// the token of the whole rows, greedy and Gumbel, flat and peaked rows, with ties, NaN
+    /// and -inf logits, and an all-NaN slice.
+    #[test]
+    fn shards_give_the_whole_rows_token() {
+        let mut z = 0x0bad_cafeu64;
+        let mut next = move || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        for (case, (ranks, width)) in [(2, 1000), (3, 64), (4, 256), (2, 8)]
+            .into_iter()
+            .enumerate()
+        {
+            let (rows, vocab) = (9, ranks * width);
+            let mut logits: Vec<bf16> = (0..rows * vocab)
+                .map(|_| {
+                    let scale = if case % 2 == 0 { 1.0 } else { 20.0 };
+                    // Coarse values: many exact ties.
+                    bf16::from_f32(((next() % 64) as f32 / 64.0 - 0.5) * scale)
+                })
+                .collect();
+            logits[3] = bf16::NAN;
+            logits[vocab + 1] = bf16::NEG_INFINITY;
+            // Row 2's first slice all NaN.
+            for x in &mut logits[2 * vocab..2 * vocab + width] {
+                *x = bf16::NAN;
+            }
+            let temperatures: Vec<f32> = (0..rows).map(|r| [0.0, 0.6, 1.3][r % 3]).collect();
+            let seeds: Vec<u64> = (0..rows).map(|_| next()).collect();
+            let steps: Vec<u32> = (0..rows).map(|_| (next() % 1000) as u32).collect();
+            let (top_k, top_p) = (vec![0i32; rows], vec![1.0f32; rows]);
+            let params = || SampleParams {
+                temperatures: &temperatures,
+                top_k: &top_k,
+                top_p: &top_p,
+                seeds: &seeds,
+                steps: &steps,
+            };
+            let mut want = vec![0u32; rows];
+            sample(&logits, rows, vocab, params(), &mut want).unwrap();
+            let mut parts = vec![0u32; ranks * 2 * rows];
+            for q in 0..ranks {
+                let slice: Vec<bf16> = logits
+                    .chunks(vocab)
+                    .flat_map(|row| row[q * width..(q + 1) * width].iter().copied())
+                    .collect();
+                sample_shard(&slice, rows, width, q * width, params(), &mut parts, q).unwrap();
+            }
+            let mut got = vec![u32::MAX; rows];
+            sample_combine(&parts, rows, ranks, &mut got).unwrap();
+            assert_eq!(got, want, "case {case}: {ranks} ranks of {width} columns");
         }
     }
 

@@ -101,6 +101,7 @@ struct Kernels {
     gather_rows: CudaFunction,
     sample: CudaFunction,
     sample_reduce: CudaFunction,
+    sample_reduce_part: CudaFunction,
 }
 
 /// Per-split partial results of the sampler: (best key, its index) per block.
@@ -283,6 +284,7 @@ impl CudaBackend {
             gather_rows: get("embedding", "gather_rows")?,
             sample: get("sampling", "sample")?,
             sample_reduce: get("sampling", "sample_reduce")?,
+            sample_reduce_part: get("sampling", "sample_reduce_part")?,
         };
         let num_sms = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -937,6 +939,29 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf<u32>,
     ) -> Result<()> {
         ops::sample(self, logits, rows, vocab, params, out)
+    }
+
+    fn sample_shard(
+        &self,
+        logits: &CudaBuf<bf16>,
+        rows: usize,
+        width: usize,
+        col0: usize,
+        params: &SamplingBufs<'_, Self>,
+        parts: &mut CudaBuf<u32>,
+        slot: usize,
+    ) -> Result<()> {
+        ops::sample_shard(self, logits, rows, width, col0, params, parts, slot)
+    }
+
+    fn sample_combine(
+        &self,
+        parts: &CudaBuf<u32>,
+        rows: usize,
+        ranks: usize,
+        out: &mut CudaBuf<u32>,
+    ) -> Result<()> {
+        ops::sample_combine(self, parts, rows, ranks, out)
     }
 }
 

@@ -358,6 +358,36 @@ impl NcclComm {
         Ok(())
     }
 
+    /// In place over `buf[..size * count]`: rank `r`'s `count` elements at `buf[r * count..]`
+    /// reach every rank (queued on the stream).
+    pub fn all_gather_u32(&self, buf: &mut CudaBuf<u32>, count: usize) -> Result<()> {
+        let all = self.size.saturating_mul(count);
+        super::check_len("nccl all_gather", "buf", buf, all)?;
+        if count == 0 {
+            return Ok(());
+        }
+        let elem = std::mem::size_of::<u32>();
+        let (ptr, _sync) = buf.raw_mut().device_ptr_mut(&self.stream);
+        let mine = ptr + (self.rank * count * elem) as u64;
+        self.with("all_gather", |comm| {
+            // SAFETY: `buf` holds size * count u32 (checked above); this rank's count of them
+            // start at `mine`, the in-place position NCCL asks for (recvbuff + rank * count);
+            // the op is queued on the stream every user of `buf` orders on.
+            unsafe {
+                result::all_gather(
+                    mine as *const c_void,
+                    ptr as *mut c_void,
+                    count,
+                    ncclDataType_t::ncclUint32,
+                    comm,
+                    self.raw_stream(),
+                )
+            }
+            .map(|_| ())
+            .map_err(|e| nccl_err("all_gather", e))
+        })
+    }
+
     /// The smallest `value` over all ranks (synchronises the stream).
     pub fn all_reduce_min(&self, value: u64) -> Result<u64> {
         let mut buf = self

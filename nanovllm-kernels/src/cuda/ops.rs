@@ -494,20 +494,130 @@ pub(super) fn sample(
     out: &mut CudaBuf<u32>,
 ) -> Result<()> {
     const OP: &str = "sample";
-    check_len(OP, "logits", logits, numel(OP, "logits", rows, vocab)?)?;
-    check_len(OP, "temperatures", params.temperatures, rows)?;
-    check_len(OP, "top_k", params.top_k, rows)?;
-    check_len(OP, "top_p", params.top_p, rows)?;
-    check_len(OP, "seeds", params.seeds, rows)?;
-    check_len(OP, "steps", params.steps, rows)?;
+    check_len(OP, "out", out, rows)?;
+    launch_sample(
+        OP,
+        be,
+        logits,
+        rows,
+        vocab,
+        None,
+        params,
+        SampleDest::Tokens(out),
+    )
+}
+
+/// One rank's part of sampling rows split by columns (`Backend::sample_shard`): its slice
+/// `logits` (`[rows, width]`, columns `col0 ..` of the whole rows), each row's best (key,
+/// column) into `parts[slot * 2 * rows ..]` (keys as f32 bits, then columns).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sample_shard(
+    be: &CudaBackend,
+    logits: &CudaBuf<bf16>,
+    rows: usize,
+    width: usize,
+    col0: usize,
+    params: &SamplingBufs<'_, CudaBackend>,
+    parts: &mut CudaBuf<u32>,
+    slot: usize,
+) -> Result<()> {
+    const OP: &str = "sample_shard";
+    let at = numel(OP, "parts", slot, 2 * rows)?;
+    check_len(OP, "parts", parts, numel(OP, "parts", slot + 1, 2 * rows)?)?;
+    if !(col0.is_multiple_of(8) && width.is_multiple_of(8)) {
+        return Err(Error::Other(format!(
+            "op {OP}: {width} columns from {col0} (start and width must be multiples of 8)"
+        )));
+    }
+    launch_sample(
+        OP,
+        be,
+        logits,
+        rows,
+        width,
+        Some(col0),
+        params,
+        SampleDest::Part(parts, at),
+    )
+}
+
+/// Folds `ranks` parts of [`sample_shard`] (`parts[q * 2 * rows ..]`, rank q's) into one token
+/// per row.
+pub(super) fn sample_combine(
+    be: &CudaBackend,
+    parts: &CudaBuf<u32>,
+    rows: usize,
+    ranks: usize,
+    out: &mut CudaBuf<u32>,
+) -> Result<()> {
+    const OP: &str = "sample_combine";
+    check_len(OP, "parts", parts, numel(OP, "parts", ranks, 2 * rows)?)?;
     check_len(OP, "out", out, rows)?;
     if rows == 0 {
         return Ok(());
     }
-    if vocab == 0 {
-        return Err(Error::Other(format!("op {OP}: vocab must be positive")));
+    let (rows_i, ranks_i, one, stride) = (
+        int(OP, "rows", rows)?,
+        int(OP, "ranks", ranks)?,
+        1i32,
+        int(OP, "2 * rows", 2 * rows)?,
+    );
+    let p = parts.raw();
+    let (keys, idx) = (p.slice(0..), p.slice(rows..));
+    let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
+    r.arg(&keys)
+        .arg(&idx)
+        .arg(&rows_i)
+        .arg(&ranks_i)
+        .arg(&one)
+        .arg(&stride)
+        .arg(out.raw_mut());
+    // SAFETY: arguments match `sample_reduce`; thread r < rows reads keys[r + q * 2 * rows]
+    // and indices[r + q * 2 * rows] for q < ranks, inside `parts` (ranks * 2 * rows checked;
+    // the indices start `rows` later, still below (q + 1) * 2 * rows), and writes out[r]
+    // (rows checked).
+    unsafe { r.launch(cfg(grid(OP, "rows", rows.div_ceil(128))?, 128)) }.map_err(launch_err(OP))?;
+    Ok(())
+}
+
+/// Where a sampler launch puts its result: tokens, or each row's best (key, column) at an
+/// offset of a parts buffer.
+enum SampleDest<'a> {
+    Tokens(&'a mut CudaBuf<u32>),
+    Part(&'a mut CudaBuf<u32>, usize),
+}
+
+/// The `sample` kernel (and `sample_reduce` / `sample_reduce_part` when rows are split over
+/// several blocks), on whole rows (`col0` None) or on a slice of them in shard mode. `out` has
+/// been checked to hold `rows` tokens, or `2 * rows` entries from its offset.
+#[allow(clippy::too_many_arguments)]
+fn launch_sample(
+    op: &'static str,
+    be: &CudaBackend,
+    logits: &CudaBuf<bf16>,
+    rows: usize,
+    vocab: usize,
+    col0: Option<usize>,
+    params: &SamplingBufs<'_, CudaBackend>,
+    out: SampleDest<'_>,
+) -> Result<()> {
+    check_len(op, "logits", logits, numel(op, "logits", rows, vocab)?)?;
+    check_len(op, "temperatures", params.temperatures, rows)?;
+    check_len(op, "top_k", params.top_k, rows)?;
+    check_len(op, "top_p", params.top_p, rows)?;
+    check_len(op, "seeds", params.seeds, rows)?;
+    check_len(op, "steps", params.steps, rows)?;
+    if rows == 0 {
+        return Ok(());
     }
-    let vocab_i = int(OP, "vocab", vocab)?;
+    if vocab == 0 {
+        return Err(Error::Other(format!("op {op}: vocab must be positive")));
+    }
+    let vocab_i = int(op, "vocab", vocab)?;
+    let shard = col0.is_some() as i32;
+    // Columns are indexed as i32 in the kernel.
+    let end = col0.unwrap_or(0).saturating_add(vocab);
+    let col0_i = int(op, "last column", end)? - vocab_i;
     // Few rows leave most SMs idle: split each row over several blocks (about two blocks per
     // SM in all), each still scanning at least one vector per thread.
     let per_block_min = SAMPLE_THREADS as usize * 8;
@@ -518,41 +628,88 @@ pub(super) fn sample(
             .div_ceil(rows)
             .min((vocab / per_block_min).max(1))
     };
-    let blocks = numel(OP, "blocks", rows, splits)?;
-    let splits_i = int(OP, "splits", splits)?;
-    let mut parts = be.sample_parts(blocks)?;
-    let parts = &mut *parts;
+    let blocks = numel(op, "blocks", rows, splits)?;
+    let splits_i = int(op, "splits", splits)?;
+    let mut scratch = be.sample_parts(blocks)?;
+    let scratch = &mut *scratch;
+    let (out_tokens, part_at) = match out {
+        SampleDest::Tokens(t) => (t, None),
+        SampleDest::Part(p, at) => (p, Some(at)),
+    };
     let mut b = Launch::new(be.stream(), &be.kernels.sample);
     b.arg(logits.raw())
         .arg(&vocab_i)
+        .arg(&col0_i)
+        .arg(&shard)
         .arg(params.temperatures.raw())
         .arg(params.top_k.raw())
         .arg(params.top_p.raw())
         .arg(params.seeds.raw())
         .arg(params.steps.raw())
-        .arg(&splits_i)
-        .arg(out.raw_mut())
-        .arg(&mut parts.key)
-        .arg(&mut parts.idx);
+        .arg(&splits_i);
+    // One split in shard mode: the kernel writes each row's (key, column) straight to the part.
+    let direct = part_at.filter(|_| splits == 1);
+    let (mut head, mut tail, mut part_keys, mut part_idx);
+    match direct {
+        Some(at) => {
+            (head, tail) = out_tokens.raw_mut().split_at_mut(at + rows);
+            part_keys = head.slice_mut(at..);
+            part_idx = tail.slice_mut(0..rows);
+            b.arg(&scratch.idx).arg(&mut part_keys).arg(&mut part_idx);
+        }
+        None => {
+            b.arg(out_tokens.raw_mut())
+                .arg(&mut scratch.key)
+                .arg(&mut scratch.idx);
+        }
+    }
     // SAFETY: arguments match `sample` in sampling.cu; block j works row j / splits, reading
-    // that row of logits and of each parameter buffer (rows checked), and writes out[row]
-    // (rows checked) or, with several splits, partial j (the partial buffers hold at least
-    // rows * splits entries).
-    unsafe { b.launch(cfg(grid(OP, "blocks", blocks)?, SAMPLE_THREADS)) }
-        .map_err(launch_err(OP))?;
+    // that row of logits (`rows * vocab` checked; in shard mode the kernel offsets its row
+    // pointer by -col0 and reads columns col0 .. col0 + vocab only) and of each parameter
+    // buffer (rows checked), and writes either out[row] (whole rows, one split: `out` holds
+    // rows), or (key, index) j of its partial buffers: the scratch (at least rows * splits
+    // entries), or with one split in shard mode the part's keys and indices, `rows` entries
+    // each at the caller's checked offset (the `out` argument is then unused).
+    unsafe { b.launch(cfg(grid(op, "blocks", blocks)?, SAMPLE_THREADS)) }
+        .map_err(launch_err(op))?;
     if splits > 1 {
-        let rows_i = int(OP, "rows", rows)?;
-        let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
-        r.arg(&parts.key)
-            .arg(&parts.idx)
-            .arg(&rows_i)
-            .arg(&splits_i)
-            .arg(out.raw_mut());
-        // SAFETY: arguments match `sample_reduce`; thread r < rows reads partials
-        // [r * splits, (r + 1) * splits), written by the launch above (same stream), and
-        // writes out[r].
-        unsafe { r.launch(cfg(grid(OP, "rows", rows.div_ceil(128))?, 128)) }
-            .map_err(launch_err(OP))?;
+        let (rows_i, one) = (int(op, "rows", rows)?, 1i32);
+        match part_at {
+            None => {
+                let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
+                r.arg(&scratch.key)
+                    .arg(&scratch.idx)
+                    .arg(&rows_i)
+                    .arg(&splits_i)
+                    .arg(&splits_i)
+                    .arg(&one)
+                    .arg(out_tokens.raw_mut());
+                // SAFETY: arguments match `sample_reduce`; thread r < rows reads partials
+                // [r * splits, (r + 1) * splits) of the scratch, written by the launch above
+                // (same stream), and writes out[r] (rows checked).
+                unsafe { r.launch(cfg(grid(op, "rows", rows.div_ceil(128))?, 128)) }
+                    .map_err(launch_err(op))?;
+            }
+            Some(at) => {
+                let (mut k, mut i) = out_tokens.raw_mut().split_at_mut(at + rows);
+                let (mut keys, mut idx) = (k.slice_mut(at..), i.slice_mut(0..rows));
+                let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce_part);
+                r.arg(&scratch.key)
+                    .arg(&scratch.idx)
+                    .arg(&rows_i)
+                    .arg(&splits_i)
+                    .arg(&splits_i)
+                    .arg(&one)
+                    .arg(&mut keys)
+                    .arg(&mut idx);
+                // SAFETY: arguments match `sample_reduce_part`; thread r < rows reads partials
+                // [r * splits, (r + 1) * splits) of the scratch, written by the launch above
+                // (same stream), and writes entry r of the part's keys and indices (`rows`
+                // each at the caller's checked offset).
+                unsafe { r.launch(cfg(grid(op, "rows", rows.div_ceil(128))?, 128)) }
+                    .map_err(launch_err(op))?;
+            }
+        }
     }
     Ok(())
 }
