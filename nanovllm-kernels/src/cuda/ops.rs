@@ -562,8 +562,9 @@ pub(super) fn sample_combine(
         1i32,
         int(OP, "2 * rows", 2 * rows)?,
     );
+    // The buffers are bytes: the indices start `rows` u32 after the keys.
     let p = parts.raw();
-    let (keys, idx) = (p.slice(0..), p.slice(rows..));
+    let (keys, idx) = (p.slice(0..), p.slice(U32 * rows..));
     let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
     r.arg(&keys)
         .arg(&idx)
@@ -579,6 +580,9 @@ pub(super) fn sample_combine(
     unsafe { r.launch(cfg(grid(OP, "rows", rows.div_ceil(128))?, 128)) }.map_err(launch_err(OP))?;
     Ok(())
 }
+
+/// Bytes of a u32 (buffers are byte slices; offsets into them count bytes).
+const U32: usize = std::mem::size_of::<u32>();
 
 /// Where a sampler launch puts its result: tokens, or each row's best (key, column) at an
 /// offset of a parts buffer.
@@ -652,9 +656,9 @@ fn launch_sample(
     let (mut head, mut tail, mut part_keys, mut part_idx);
     match direct {
         Some(at) => {
-            (head, tail) = out_tokens.raw_mut().split_at_mut(at + rows);
-            part_keys = head.slice_mut(at..);
-            part_idx = tail.slice_mut(0..rows);
+            (head, tail) = out_tokens.raw_mut().split_at_mut(U32 * (at + rows));
+            part_keys = head.slice_mut(U32 * at..);
+            part_idx = tail.slice_mut(0..U32 * rows);
             b.arg(&scratch.idx).arg(&mut part_keys).arg(&mut part_idx);
         }
         None => {
@@ -691,8 +695,8 @@ fn launch_sample(
                     .map_err(launch_err(op))?;
             }
             Some(at) => {
-                let (mut k, mut i) = out_tokens.raw_mut().split_at_mut(at + rows);
-                let (mut keys, mut idx) = (k.slice_mut(at..), i.slice_mut(0..rows));
+                let (mut k, mut i) = out_tokens.raw_mut().split_at_mut(U32 * (at + rows));
+                let (mut keys, mut idx) = (k.slice_mut(U32 * at..), i.slice_mut(0..U32 * rows));
                 let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce_part);
                 r.arg(&scratch.key)
                     .arg(&scratch.idx)
