@@ -945,6 +945,39 @@ impl Sample {
     }
 }
 
+/// A [`Sample`]'s parameters on a backend.
+struct ParamBufs<B: Backend> {
+    temperatures: B::Buf<f32>,
+    top_k: B::Buf<i32>,
+    top_p: B::Buf<f32>,
+    seeds: B::Buf<u64>,
+    steps: B::Buf<u32>,
+}
+
+impl<B: Backend> ParamBufs<B> {
+    fn view(&self) -> SamplingBufs<'_, B> {
+        SamplingBufs {
+            temperatures: &self.temperatures,
+            top_k: &self.top_k,
+            top_p: &self.top_p,
+            seeds: &self.seeds,
+            steps: &self.steps,
+        }
+    }
+}
+
+impl Sample {
+    fn upload_params<B: Backend>(&self, b: &B) -> Result<ParamBufs<B>> {
+        Ok(ParamBufs {
+            temperatures: up(b, &self.temperatures)?,
+            top_k: up(b, &self.top_k)?,
+            top_p: up(b, &self.top_p)?,
+            seeds: up(b, &self.seeds)?,
+            steps: up(b, &self.steps)?,
+        })
+    }
+}
+
 impl Case for Sample {
     fn size(&self) -> usize {
         self.logits.len()
@@ -963,19 +996,8 @@ impl Case for Sample {
     }
     fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
         let logits = up(b, &self.logits)?;
-        let (t, k, p) = (
-            up(b, &self.temperatures)?,
-            up(b, &self.top_k)?,
-            up(b, &self.top_p)?,
-        );
-        let (s, st) = (up(b, &self.seeds)?, up(b, &self.steps)?);
-        let params = SamplingBufs {
-            temperatures: &t,
-            top_k: &k,
-            top_p: &p,
-            seeds: &s,
-            steps: &st,
-        };
+        let bufs = self.upload_params(b)?;
+        let params = bufs.view();
         let mut out = b.from_host(&vec![u32::MAX; self.rows + SLACK])?;
         b.sample(&logits, self.rows, self.vocab, &params, &mut out)?;
         Ok(vec![Checked {
@@ -1042,15 +1064,8 @@ impl Case for SampleShard {
         let w = &self.whole;
         let want = &self.whole.run(b)?[0].data;
         let width = w.vocab / self.ranks;
-        let (t, k, p) = (up(b, &w.temperatures)?, up(b, &w.top_k)?, up(b, &w.top_p)?);
-        let (s, st) = (up(b, &w.seeds)?, up(b, &w.steps)?);
-        let params = SamplingBufs {
-            temperatures: &t,
-            top_k: &k,
-            top_p: &p,
-            seeds: &s,
-            steps: &st,
-        };
+        let bufs = w.upload_params(b)?;
+        let params = bufs.view();
         let mut parts = b.from_host(&vec![u32::MAX; self.ranks * 2 * w.rows])?;
         for q in 0..self.ranks {
             let slice: Vec<bf16> = w

@@ -450,19 +450,7 @@ impl Backend for CpuBackend {
         params: &SamplingBufs<'_, Self>,
         out: &mut CpuBuf<u32>,
     ) -> Result<()> {
-        sample::sample(
-            &logits.0,
-            rows,
-            vocab,
-            sample::SampleParams {
-                temperatures: &params.temperatures.0,
-                top_k: &params.top_k.0,
-                top_p: &params.top_p.0,
-                seeds: &params.seeds.0,
-                steps: &params.steps.0,
-            },
-            &mut out.0,
-        )
+        sample::sample(&logits.0, rows, vocab, host_params(params), &mut out.0)
     }
 
     fn sample_shard(
@@ -480,13 +468,7 @@ impl Backend for CpuBackend {
             rows,
             width,
             col0,
-            sample::SampleParams {
-                temperatures: &params.temperatures.0,
-                top_k: &params.top_k.0,
-                top_p: &params.top_p.0,
-                seeds: &params.seeds.0,
-                steps: &params.steps.0,
-            },
+            host_params(params),
             &mut parts.0,
             slot,
         )
@@ -500,6 +482,17 @@ impl Backend for CpuBackend {
         out: &mut CpuBuf<u32>,
     ) -> Result<()> {
         sample::sample_combine(&parts.0, rows, ranks, &mut out.0)
+    }
+}
+
+/// The sampling parameters' host slices.
+fn host_params<'a>(params: &'a SamplingBufs<'_, CpuBackend>) -> sample::SampleParams<'a> {
+    sample::SampleParams {
+        temperatures: &params.temperatures.0,
+        top_k: &params.top_k.0,
+        top_p: &params.top_p.0,
+        seeds: &params.seeds.0,
+        steps: &params.steps.0,
     }
 }
 

@@ -170,27 +170,8 @@ fn slice_best(row: &[bf16], col0: u32, t: f32, seed: u64, step: u32) -> (f32, u3
     if t == 0.0 {
         return (logit(row, top), col0 + top);
     }
-    let top_a = logit(row, top) / t;
-    let mut best = (
-        score(row, t, top, philox_uniform(seed, step, col0 + top)),
-        top,
-    );
-    let mut floor = draw_floor(best.0, top_a);
-    for i in 0..row.len() as u32 {
-        if logit(row, i) / t + GUMBEL_MAX < best.0 {
-            continue;
-        }
-        let u = philox_uniform(seed, step, col0 + i);
-        if u < floor {
-            continue;
-        }
-        let s = score(row, t, i, u);
-        if s > best.0 || (s == best.0 && i < best.1) {
-            best = (s, i);
-            floor = draw_floor(best.0, top_a);
-        }
-    }
-    (best.0, col0 + best.1)
+    let (score, i) = gumbel_best(top, 0..row.len() as u32, row, col0, t, seed, step);
+    (score, col0 + i)
 }
 
 /// Every temperature finite and `>= 0`.
@@ -321,15 +302,31 @@ fn ranked(row: &[bf16], k: usize) -> Vec<u32> {
 /// largest logit, scored first so that skipping starts early; tokens that cannot win (a logit
 /// too low, or a draw below [`draw_floor`]) skip their logarithms.
 fn gumbel_max(cands: &[u32], row: &[bf16], t: f32, seed: u64, step: u32) -> u32 {
-    let top = cands[0];
+    gumbel_best(cands[0], cands.iter().copied(), row, 0, t, seed, step).1
+}
+
+/// [`gumbel_max`]'s (best score, index) over `cands` with `top` among them, for a row whose
+/// element `i` is column `col0 + i` of the whole row (the column keys its draw).
+fn gumbel_best(
+    top: u32,
+    cands: impl Iterator<Item = u32>,
+    row: &[bf16],
+    col0: u32,
+    t: f32,
+    seed: u64,
+    step: u32,
+) -> (f32, u32) {
     let top_a = logit(row, top) / t;
-    let mut best = (score(row, t, top, philox_uniform(seed, step, top)), top);
+    let mut best = (
+        score(row, t, top, philox_uniform(seed, step, col0 + top)),
+        top,
+    );
     let mut floor = draw_floor(best.0, top_a);
-    for &i in cands {
+    for i in cands {
         if logit(row, i) / t + GUMBEL_MAX < best.0 {
             continue;
         }
-        let u = philox_uniform(seed, step, i);
+        let u = philox_uniform(seed, step, col0 + i);
         if u < floor {
             continue;
         }
@@ -339,7 +336,7 @@ fn gumbel_max(cands: &[u32], row: &[bf16], t: f32, seed: u64, step: u32) -> u32 
             floor = draw_floor(best.0, top_a);
         }
     }
-    best.1
+    best
 }
 
 /// Philox4x32-10 round constants (as in [`crate::backend::philox4x32`]).
@@ -475,6 +472,17 @@ mod tests {
         }
     }
 
+    /// SplitMix64 from `seed`: the tests' random numbers.
+    fn splitmix(mut z: u64) -> impl FnMut() -> u64 {
+        move || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        }
+    }
+
     /// Gumbel-max without any skipping: every candidate scored.
     fn brute_force(row: &[bf16], t: f32, seed: u64, step: u32, cands: &[u32]) -> u32 {
         let mut best = (f32::NEG_INFINITY, u32::MAX);
@@ -492,14 +500,7 @@ mod tests {
     /// that is no multiple of the 32-token sweep.
     #[test]
     fn skipping_paths_agree_with_brute_force() {
-        let mut z = 0x1234_5678u64;
-        let mut next = move || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
+        let mut next = splitmix(0x1234_5678);
         let vocab = 3001;
         for case in 0..24 {
             let scale = if case % 2 == 0 { 1.0 } else { 20.0 };
@@ -509,7 +510,11 @@ mod tests {
             let (seed, step, t) = (next(), (next() % 5000) as u32, [0.4f32, 1.0, 1.9][case % 3]);
             // Every token, then a random third of them with the largest first.
             let all: Vec<u32> = (0..vocab as u32).collect();
-            let mut cands: Vec<u32> = all.iter().copied().filter(|_| next() % 3 == 0).collect();
+            let mut cands: Vec<u32> = all
+                .iter()
+                .copied()
+                .filter(|_| next().is_multiple_of(3))
+                .collect();
             let by_logit = |set: &[u32]| {
                 let mut best = set[0];
                 for &i in set {
@@ -547,14 +552,7 @@ mod tests {
     /// and -inf logits, and an all-NaN slice.
     #[test]
     fn shards_give_the_whole_rows_token() {
-        let mut z = 0x0bad_cafeu64;
-        let mut next = move || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
+        let mut next = splitmix(0x0bad_cafe);
         for (case, (ranks, width)) in [(2, 1000), (3, 64), (4, 256), (2, 8)]
             .into_iter()
             .enumerate()
