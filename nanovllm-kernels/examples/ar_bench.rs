@@ -27,8 +27,10 @@ use nanovllm_utils::{Error, Result};
 const CALLS: usize = 72;
 /// Timed replays of the graph; the median is reported.
 const REPLAYS: usize = 15;
-/// (rows, hidden): decode batches of Qwen3-8B (hidden 4096) and Qwen3-0.6B (hidden 1024).
-const SHAPES: [(usize, usize); 8] = [
+/// (rows, hidden): decode batches of Qwen3-8B (hidden 4096) and Qwen3-0.6B (hidden 1024), then
+/// prefill steps of Qwen3-8B (1,024 rows: the one-shot kernel's largest message; 4,096 and
+/// 16,384 rows: NCCL's).
+const SHAPES: [(usize, usize); 11] = [
     (1, 4096),
     (16, 4096),
     (64, 4096),
@@ -37,6 +39,9 @@ const SHAPES: [(usize, usize); 8] = [
     (1, 1024),
     (64, 1024),
     (256, 1024),
+    (1024, 4096),
+    (4096, 4096),
+    (16_384, 4096),
 ];
 
 fn main() {
