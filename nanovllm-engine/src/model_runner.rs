@@ -258,6 +258,8 @@ pub struct ModelRunner<B: Backend> {
     /// top-k / top-p cut) are captured the first time a batch needs one, in
     /// `whole_row_graphs`.
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
+    /// Whether `graphs` sample rank slices ([`Self::shards_sampling`] of a batch without a cut).
+    graphs_sample_slices: bool,
     whole_row_graphs: Vec<(usize, Box<dyn GraphExec>)>,
     /// With tensor parallelism: every rank's best candidates of each row,
     /// `[tp, 2, max_num_seqs]` ([`Backend::sample_shard`]).
@@ -404,6 +406,7 @@ impl<B: Backend> ModelRunner<B> {
             limits,
             vocab_size: model_config.vocab_size,
             graphs: Vec::new(),
+            graphs_sample_slices: false,
             whole_row_graphs: Vec::new(),
             sample_parts,
             profile: RunnerProfile::default(),
@@ -599,8 +602,10 @@ impl<B: Backend> ModelRunner<B> {
     fn capture_graphs(&mut self) -> Result<()> {
         let t = Instant::now();
         let mut graphs = Vec::new();
-        // Padding rows are greedy: with tensor parallelism these graphs sample slices.
-        let sharded = self.model.comm().size() > 1;
+        // Padding rows are greedy (no cut): these graphs sample slices where steps can.
+        self.host.clear();
+        let sharded = self.shards_sampling();
+        self.graphs_sample_slices = sharded;
         for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
             .iter()
             .rev()
@@ -639,7 +644,7 @@ impl<B: Backend> ModelRunner<B> {
         let Some(i) = self.graphs.iter().position(|(b, _)| *b == bs) else {
             return Ok(None);
         };
-        if sharded || self.model.comm().size() == 1 {
+        if sharded == self.graphs_sample_slices {
             return Ok(Some((false, i)));
         }
         if let Some(j) = self.whole_row_graphs.iter().position(|(b, _)| *b == bs) {
@@ -667,9 +672,11 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     /// Whether this step's rows are sampled by each rank on its vocabulary slice (tensor
-    /// parallelism, no row with a top-k / top-p cut) rather than gathered to rank 0.
+    /// parallelism, no row with a top-k / top-p cut, slices of whole 8-column groups as the
+    /// sampler draws them) rather than gathered to rank 0.
     fn shards_sampling(&self) -> bool {
-        self.model.comm().size() > 1 && !self.host.has_cut(self.vocab_size)
+        let tp = self.model.comm().size();
+        tp > 1 && (self.vocab_size / tp).is_multiple_of(8) && !self.host.has_cut(self.vocab_size)
     }
 
     fn graph_shape(&self, bs: usize) -> BatchShape {
@@ -1141,6 +1148,32 @@ mod tests {
         let mut torn = call;
         torn.arrays[1] = &torn.arrays[1][..3];
         assert!(w.take_call(&torn).is_err());
+    }
+
+    /// Only a sampled row with a real top-k or top-p cut needs whole rows: greedy rows ignore
+    /// their cut, and a top-k of the whole vocabulary (or more) is none.
+    #[test]
+    fn a_cut_is_a_sampled_row_that_drops_tokens() {
+        let vocab = 1000;
+        let rows = |rows: &[(f32, i32, f32)]| {
+            let mut h = HostInputs::default();
+            for &(t, k, p) in rows {
+                h.temperatures.push(t);
+                h.top_k.push(k);
+                h.top_p.push(p);
+            }
+            h.has_cut(vocab)
+        };
+        assert!(!rows(&[]));
+        assert!(!rows(&[
+            (0.0, 5, 0.5),
+            (0.7, 0, 1.0),
+            (1.0, 1000, 1.0),
+            (1.0, 4000, 1.0)
+        ]));
+        assert!(!rows(&[(0.6, -1, 1.0)]));
+        assert!(rows(&[(0.7, 0, 1.0), (1.0, 999, 1.0)]));
+        assert!(rows(&[(0.7, 0, 0.95)]));
     }
 
     #[test]
