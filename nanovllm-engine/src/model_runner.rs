@@ -689,8 +689,8 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
-    /// Copies the host inputs of this step into the device buffers. An array whose bytes equal
-    /// what its buffer last
+    /// Copies the host inputs of this step into the device buffers (every rank samples, or at
+    /// least may: see [`Self::run_ops`]). An array whose bytes equal what its buffer last
     /// received is not copied again: in steady decode the sampling parameters, the logits rows
     /// and most steps' block tables repeat, and each copy costs the host microseconds while
     /// the GPU waits. Only this function writes these buffers, so `uploaded` is exact.
