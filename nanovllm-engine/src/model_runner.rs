@@ -258,8 +258,6 @@ pub struct ModelRunner<B: Backend> {
     /// top-k / top-p cut) are captured the first time a batch needs one, in
     /// `whole_row_graphs`.
     graphs: Vec<(usize, Box<dyn GraphExec>)>,
-    /// Whether `graphs` sample rank slices ([`Self::shards_sampling`] of a batch without a cut).
-    graphs_sample_slices: bool,
     whole_row_graphs: Vec<(usize, Box<dyn GraphExec>)>,
     /// With tensor parallelism: every rank's best candidates of each row,
     /// `[tp, 2, max_num_seqs]` ([`Backend::sample_shard`]).
@@ -406,7 +404,6 @@ impl<B: Backend> ModelRunner<B> {
             limits,
             vocab_size: model_config.vocab_size,
             graphs: Vec::new(),
-            graphs_sample_slices: false,
             whole_row_graphs: Vec::new(),
             sample_parts,
             profile: RunnerProfile::default(),
@@ -603,9 +600,7 @@ impl<B: Backend> ModelRunner<B> {
         let t = Instant::now();
         let mut graphs = Vec::new();
         // Padding rows are greedy (no cut): these graphs sample slices where steps can.
-        self.host.clear();
-        let sharded = self.shards_sampling();
-        self.graphs_sample_slices = sharded;
+        let sharded = self.can_shard_sampling();
         for &bs in Self::graph_batch_sizes(self.limits.max_num_seqs)
             .iter()
             .rev()
@@ -644,7 +639,7 @@ impl<B: Backend> ModelRunner<B> {
         let Some(i) = self.graphs.iter().position(|(b, _)| *b == bs) else {
             return Ok(None);
         };
-        if sharded == self.graphs_sample_slices {
+        if sharded == self.can_shard_sampling() {
             return Ok(Some((false, i)));
         }
         if let Some(j) = self.whole_row_graphs.iter().position(|(b, _)| *b == bs) {
@@ -671,12 +666,19 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
-    /// Whether this step's rows are sampled by each rank on its vocabulary slice (tensor
-    /// parallelism, no row with a top-k / top-p cut, slices of whole 8-column groups as the
-    /// sampler draws them) rather than gathered to rank 0.
+    /// Whether this step's rows are sampled by each rank on its vocabulary slice (see
+    /// [`Self::can_shard_sampling`]; no row with a top-k / top-p cut) rather than gathered to
+    /// rank 0.
     fn shards_sampling(&self) -> bool {
+        self.can_shard_sampling() && !self.host.has_cut(self.vocab_size)
+    }
+
+    /// Whether rows without a cut are sampled on each rank's vocabulary slice: tensor
+    /// parallelism, with slices of whole 8-column groups as the sampler draws them. The decode
+    /// graphs captured at start-up sample that way.
+    fn can_shard_sampling(&self) -> bool {
         let tp = self.model.comm().size();
-        tp > 1 && (self.vocab_size / tp).is_multiple_of(8) && !self.host.has_cut(self.vocab_size)
+        tp > 1 && (self.vocab_size / tp).is_multiple_of(8)
     }
 
     fn graph_shape(&self, bs: usize) -> BatchShape {

@@ -7,7 +7,7 @@
 //! integer types, picks the grid, and queues the kernel on the backend's stream. The
 //! comments at the top of each `.cu` file explain the thread layout chosen here.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
@@ -503,7 +503,7 @@ pub(super) fn sample(
         vocab,
         None,
         params,
-        SampleDest::Tokens(out),
+        Dest::Tokens(out.raw_mut()),
     )
 }
 
@@ -529,16 +529,15 @@ pub(super) fn sample_shard(
             "op {OP}: {width} columns from {col0} (start and width must be multiples of 8)"
         )));
     }
-    launch_sample(
-        OP,
-        be,
-        logits,
-        rows,
-        width,
-        Some(col0),
-        params,
-        SampleDest::Part(parts, at),
-    )
+    // The part's keys and columns, `rows` u32 each (the buffers are bytes).
+    let region = parts.raw_mut().slice_mut(U32 * at..U32 * (at + 2 * rows));
+    let mut halves = region.chunks_exact_mut(U32 * rows.max(1));
+    let dest = match (halves.next(), halves.next()) {
+        (Some(keys), Some(cols)) => Dest::Part(keys, cols),
+        _ if rows == 0 => return Ok(()),
+        _ => return Err(Error::Other(format!("op {OP}: no room for {rows} rows"))),
+    };
+    launch_sample(OP, be, logits, rows, width, Some(col0), params, dest)
 }
 
 /// Folds `ranks` parts of [`sample_shard`] (`parts[q * 2 * rows ..]`, rank q's) into one token
@@ -584,16 +583,16 @@ pub(super) fn sample_combine(
 /// Bytes of a u32 (buffers are byte slices; offsets into them count bytes).
 const U32: usize = std::mem::size_of::<u32>();
 
-/// Where a sampler launch puts its result: tokens, or each row's best (key, column) at an
-/// offset of a parts buffer.
-enum SampleDest<'a> {
-    Tokens(&'a mut CudaBuf<u32>),
-    Part(&'a mut CudaBuf<u32>, usize),
+/// Where a sampler launch puts its result: tokens, or each row's best (key, column) in a
+/// part's keys and columns.
+enum Dest<'a> {
+    Tokens(&'a mut CudaSlice<u8>),
+    Part(CudaViewMut<'a, u8>, CudaViewMut<'a, u8>),
 }
 
 /// The `sample` kernel (and `sample_reduce` / `sample_reduce_part` when rows are split over
-/// several blocks), on whole rows (`col0` None) or on a slice of them in shard mode. `out` has
-/// been checked to hold `rows` tokens, or `2 * rows` entries from its offset.
+/// several blocks), on whole rows (`col0` None) or on a slice of them in shard mode. `dest`
+/// holds `rows` tokens, or `rows` keys and `rows` columns (checked by the caller).
 #[allow(clippy::too_many_arguments)]
 fn launch_sample(
     op: &'static str,
@@ -603,7 +602,7 @@ fn launch_sample(
     vocab: usize,
     col0: Option<usize>,
     params: &SamplingBufs<'_, CudaBackend>,
-    out: SampleDest<'_>,
+    mut dest: Dest<'_>,
 ) -> Result<()> {
     check_len(op, "logits", logits, numel(op, "logits", rows, vocab)?)?;
     check_len(op, "temperatures", params.temperatures, rows)?;
@@ -619,9 +618,10 @@ fn launch_sample(
     }
     let vocab_i = int(op, "vocab", vocab)?;
     let shard = col0.is_some() as i32;
+    let col0 = col0.unwrap_or(0);
+    let col0_i = int(op, "first column", col0)?;
     // Columns are indexed as i32 in the kernel.
-    let end = col0.unwrap_or(0).saturating_add(vocab);
-    let col0_i = int(op, "last column", end)? - vocab_i;
+    int(op, "last column", col0.saturating_add(vocab))?;
     // Few rows leave most SMs idle: split each row over several blocks (about two blocks per
     // SM in all), each still scanning at least one vector per thread.
     let per_block_min = SAMPLE_THREADS as usize * 8;
@@ -636,10 +636,6 @@ fn launch_sample(
     let splits_i = int(op, "splits", splits)?;
     let mut scratch = be.sample_parts(blocks)?;
     let scratch = &mut *scratch;
-    let (out_tokens, part_at) = match out {
-        SampleDest::Tokens(t) => (t, None),
-        SampleDest::Part(p, at) => (p, Some(at)),
-    };
     let mut b = Launch::new(be.stream(), &be.kernels.sample);
     b.arg(logits.raw())
         .arg(&vocab_i)
@@ -651,69 +647,47 @@ fn launch_sample(
         .arg(params.seeds.raw())
         .arg(params.steps.raw())
         .arg(&splits_i);
-    // One split in shard mode: the kernel writes each row's (key, column) straight to the part.
-    let direct = part_at.filter(|_| splits == 1);
-    let (mut head, mut tail, mut part_keys, mut part_idx);
-    match direct {
-        Some(at) => {
-            (head, tail) = out_tokens.raw_mut().split_at_mut(U32 * (at + rows));
-            part_keys = head.slice_mut(U32 * at..);
-            part_idx = tail.slice_mut(0..U32 * rows);
-            b.arg(&scratch.idx).arg(&mut part_keys).arg(&mut part_idx);
-        }
-        None => {
-            b.arg(out_tokens.raw_mut())
-                .arg(&mut scratch.key)
-                .arg(&mut scratch.idx);
-        }
-    }
+    match &mut dest {
+        Dest::Tokens(t) => b.arg(&mut **t).arg(&mut scratch.key).arg(&mut scratch.idx),
+        // Shard mode never writes `out`. With one split each row's (key, column) goes straight
+        // to the part; with several, to the scratch, folded into the part below.
+        Dest::Part(keys, cols) => match splits {
+            1 => b.arg(&scratch.idx).arg(keys).arg(cols),
+            _ => b.arg(cols).arg(&mut scratch.key).arg(&mut scratch.idx),
+        },
+    };
     // SAFETY: arguments match `sample` in sampling.cu; block j works row j / splits, reading
     // that row of logits (`rows * vocab` checked; in shard mode the kernel offsets its row
     // pointer by -col0 and reads columns col0 .. col0 + vocab only) and of each parameter
     // buffer (rows checked), and writes either out[row] (whole rows, one split: `out` holds
     // rows), or (key, index) j of its partial buffers: the scratch (at least rows * splits
-    // entries), or with one split in shard mode the part's keys and indices, `rows` entries
-    // each at the caller's checked offset (the `out` argument is then unused).
+    // entries), or with one split in shard mode the part's keys and columns, `rows` entries
+    // each at the caller's checked offset.
     unsafe { b.launch(cfg(grid(op, "blocks", blocks)?, SAMPLE_THREADS)) }
         .map_err(launch_err(op))?;
     if splits > 1 {
         let (rows_i, one) = (int(op, "rows", rows)?, 1i32);
-        match part_at {
-            None => {
-                let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce);
-                r.arg(&scratch.key)
-                    .arg(&scratch.idx)
-                    .arg(&rows_i)
-                    .arg(&splits_i)
-                    .arg(&splits_i)
-                    .arg(&one)
-                    .arg(out_tokens.raw_mut());
-                // SAFETY: arguments match `sample_reduce`; thread r < rows reads partials
-                // [r * splits, (r + 1) * splits) of the scratch, written by the launch above
-                // (same stream), and writes out[r] (rows checked).
-                unsafe { r.launch(cfg(grid(op, "rows", rows.div_ceil(128))?, 128)) }
-                    .map_err(launch_err(op))?;
-            }
-            Some(at) => {
-                let (mut k, mut i) = out_tokens.raw_mut().split_at_mut(U32 * (at + rows));
-                let (mut keys, mut idx) = (k.slice_mut(U32 * at..), i.slice_mut(0..U32 * rows));
-                let mut r = Launch::new(be.stream(), &be.kernels.sample_reduce_part);
-                r.arg(&scratch.key)
-                    .arg(&scratch.idx)
-                    .arg(&rows_i)
-                    .arg(&splits_i)
-                    .arg(&splits_i)
-                    .arg(&one)
-                    .arg(&mut keys)
-                    .arg(&mut idx);
-                // SAFETY: arguments match `sample_reduce_part`; thread r < rows reads partials
-                // [r * splits, (r + 1) * splits) of the scratch, written by the launch above
-                // (same stream), and writes entry r of the part's keys and indices (`rows`
-                // each at the caller's checked offset).
-                unsafe { r.launch(cfg(grid(op, "rows", rows.div_ceil(128))?, 128)) }
-                    .map_err(launch_err(op))?;
-            }
-        }
+        let kernel = match dest {
+            Dest::Tokens(_) => &be.kernels.sample_reduce,
+            Dest::Part(..) => &be.kernels.sample_reduce_part,
+        };
+        let mut r = Launch::new(be.stream(), kernel);
+        r.arg(&scratch.key)
+            .arg(&scratch.idx)
+            .arg(&rows_i)
+            .arg(&splits_i)
+            .arg(&splits_i)
+            .arg(&one);
+        match &mut dest {
+            Dest::Tokens(t) => r.arg(&mut **t),
+            Dest::Part(keys, cols) => r.arg(keys).arg(cols),
+        };
+        // SAFETY: arguments match `sample_reduce` (tokens: out[r]) or `sample_reduce_part`
+        // (the part's keys and columns, entry r); thread r < rows reads partials
+        // [r * splits, (r + 1) * splits) of the scratch, written by the launch above (same
+        // stream), and writes entry r of its outputs (`rows` checked).
+        unsafe { r.launch(cfg(grid(op, "rows", rows.div_ceil(128))?, 128)) }
+            .map_err(launch_err(op))?;
     }
     Ok(())
 }
