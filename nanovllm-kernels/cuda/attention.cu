@@ -43,9 +43,29 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Number of splits of a sequence of `ctx` tokens that hold some of them.
-__device__ __forceinline__ int splits_with_tokens(int ctx, int tokens_per_split, int num_splits) {
-    return ctx <= 0 ? 0 : min(num_splits, (ctx + tokens_per_split - 1) / tokens_per_split);
+// A split's token count is a multiple of DEC_SPLIT_GRANULE and, unless the launch's own size is
+// smaller, at least DEC_MIN_SPLIT_TOKENS (SPLIT_GRANULE and MIN_SPLIT_TOKENS in
+// src/cuda/attention.rs).
+#define DEC_SPLIT_GRANULE 128
+#define DEC_MIN_SPLIT_TOKENS 256
+
+// Tokens of each split of a sequence of `ctx` tokens in a launch of `num_splits` splits of at
+// most `tokens_per_split` tokens (the size the host derived from the longest context the launch
+// may see, which a CUDA graph fixes at the model's length): the sequence's own context spread
+// over the splits, so that a context shorter than that longest one still keeps several splits
+// busy instead of filling the first. A function of the sequence alone, so every CTA of a
+// (sequence, kv head) and the reduce agree on it.
+__device__ __forceinline__ int seq_split_tokens(int ctx, int tokens_per_split, int num_splits) {
+    if (num_splits <= 1) return tokens_per_split;
+    int t = (max(ctx, 1) + num_splits - 1) / num_splits;
+    t = (t + DEC_SPLIT_GRANULE - 1) / DEC_SPLIT_GRANULE * DEC_SPLIT_GRANULE;
+    return min(max(t, DEC_MIN_SPLIT_TOKENS), tokens_per_split);
+}
+
+// Number of splits of a sequence of `ctx` tokens that hold some of them (`tps`: its
+// seq_split_tokens).
+__device__ __forceinline__ int splits_with_tokens(int ctx, int tps, int num_splits) {
+    return ctx <= 0 ? 0 : min(num_splits, (ctx + tps - 1) / tps);
 }
 
 // Output element d of one (sequence, head) from its nv split partials (normalised output, and
@@ -86,7 +106,7 @@ __device__ __forceinline__ void last_split_reduces(
     if (!s_last) return;
     __threadfence();  // the other splits' partials, counted before our arrival, are read after it
     const int num_heads = num_kv_heads * G;
-    const int nv = splits_with_tokens(ctx, tokens_per_split, num_splits);
+    const int nv = splits_with_tokens(ctx, seq_split_tokens(ctx, tokens_per_split, num_splits), num_splits);
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         const int h = kvh * G + i / HD, d = i % HD;
         const size_t base = ((size_t)seq * num_heads + h) * num_splits;
@@ -111,7 +131,8 @@ __device__ __forceinline__ void last_split_reduces(
 // are merged once at the end (shuffles across lane groups, then shared memory across warps).
 //
 // With one split the CTA writes bf16 output. With several (flash-decoding, chosen on the host
-// when num_seqs * num_kv_heads CTAs would not fill the GPU) it writes its normalised partial
+// when num_seqs * num_kv_heads CTAs would not fill the GPU; each sequence's context spread
+// evenly over them, seq_split_tokens) it writes its normalised partial
 // output and (max, sum) to scratch, and the splits are combined either by attn_decode_reduce
 // or, when the launcher passes `counters`, by the last split CTA of each (sequence, kv head)
 // to finish (last_split_reduces: one kernel less per layer, the same bits). A split past a
@@ -151,8 +172,9 @@ __device__ __forceinline__ void decode_body(
     // block ids outside the cache are contract violations: clamp them rather than read out of
     // bounds.
     const int ctx = min(context_lens[seq], max_context_len);
-    const int t0 = split * tokens_per_split;
-    const int t1 = min(ctx, t0 + tokens_per_split);
+    const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
+    const int t0 = split * tps;
+    const int t1 = min(ctx, t0 + tps);
     if (t0 >= t1) {
         // No tokens here. With one split this CTA still owns the output (an empty context
         // gives zeros); with several the reduce kernel skips this split.
@@ -365,8 +387,8 @@ DECODE_KERNEL(128, 7)
 DECODE_KERNEL(128, 8)
 
 // Combines the splits of one (sequence, head): grid (num_heads, num_seqs), head_dim threads.
-// Split i holds tokens [i * tokens_per_split, (i + 1) * tokens_per_split); only the splits that
-// hold some of the sequence's context_lens[seq] tokens were written.
+// Split i holds tokens [i * tps, (i + 1) * tps) (tps = seq_split_tokens of the sequence's
+// context_lens[seq] tokens); only the splits that hold some of them were written.
 // No __restrict__ on its inputs: `const __restrict__` loads may become ld.global.nc, which
 // ptxas is free to move above pdl_wait() (scripts/check-pdl.sh checks every kernel).
 extern "C" __global__ void attn_decode_reduce(
@@ -376,7 +398,7 @@ extern "C" __global__ void attn_decode_reduce(
     pdl_begin();
     const int h = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
     const int ctx = min(context_lens[seq], max_context_len);
-    const int nv = splits_with_tokens(ctx, tokens_per_split, num_splits);
+    const int nv = splits_with_tokens(ctx, seq_split_tokens(ctx, tokens_per_split, num_splits), num_splits);
     const size_t base = ((size_t)seq * num_heads + h) * num_splits;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
         out[((size_t)seq * num_heads + h) * head_dim + d] =

@@ -1119,7 +1119,10 @@ struct Paged {
 
 impl Paged {
     /// Tables for sequences of `lens` tokens over a cache of about `pool` blocks; sequences
-    /// may share blocks (as prefix caching does), entries past a sequence's end are -1.
+    /// may share blocks (as prefix caching does), entries past a sequence's end are -1. Rows
+    /// are wide enough for `min_len` tokens too (as a CUDA graph's tables are for the model's
+    /// length).
+    #[allow(clippy::too_many_arguments)]
     fn new(
         rng: &mut Rng,
         lens: &[usize],
@@ -1128,8 +1131,10 @@ impl Paged {
         d: usize,
         bs: usize,
         pool: usize,
+        min_len: usize,
     ) -> Self {
-        let mbps = lens.iter().map(|l| l.div_ceil(bs)).max().unwrap_or(1) + 1;
+        let longest = lens.iter().copied().max().unwrap_or(0).max(min_len);
+        let mbps = longest.div_ceil(bs).max(1) + 1;
         let num_blocks = pool.max(mbps);
         let mut block_tables = vec![-1i32; lens.len() * mbps];
         for (s, &l) in lens.iter().enumerate() {
@@ -1149,6 +1154,9 @@ impl Paged {
 
 struct Decode {
     ctx: Vec<usize>,
+    /// The max_context_len passed: the longest context, or more (a graph captured for the
+    /// model's length passes that).
+    max_ctx: usize,
     paged: Paged,
     qkv: Vec<bf16>,
 }
@@ -1163,10 +1171,17 @@ impl Decode {
         d: usize,
         bs: usize,
         pool: usize,
+        graph_len: usize,
     ) -> Self {
-        let paged = Paged::new(rng, &ctx, nh, nkv, d, bs, pool);
+        let max_ctx = ctx.iter().copied().max().unwrap_or(0).max(graph_len);
+        let paged = Paged::new(rng, &ctx, nh, nkv, d, bs, pool, max_ctx);
         let qkv = rng.bf16s(ctx.len() * paged.attn.qkv_width(), -2.0, 2.0);
-        Decode { ctx, paged, qkv }
+        Decode {
+            ctx,
+            max_ctx,
+            paged,
+            qkv,
+        }
     }
 }
 
@@ -1192,8 +1207,9 @@ impl Case for Decode {
     fn shape(&self) -> String {
         let a = &self.paged.attn;
         format!(
-            "ctx {} h={}/{} d={} bs={}",
+            "ctx {} (max {}) h={}/{} d={} bs={}",
             describe_lens(&self.ctx),
+            self.max_ctx,
             a.num_heads,
             a.num_kv_heads,
             a.head_dim,
@@ -1213,7 +1229,6 @@ impl Case for Decode {
         let bt = up(b, &self.paged.block_tables)?;
         let len = self.ctx.len() * a.num_heads * a.head_dim;
         let mut out = poisoned(b, len)?;
-        let max_ctx = self.ctx.iter().copied().max().unwrap_or(0);
         b.decode_attention(
             &qkv,
             &kc,
@@ -1221,7 +1236,7 @@ impl Case for Decode {
             &cl,
             &bt,
             self.ctx.len(),
-            max_ctx,
+            self.max_ctx,
             a,
             &mut out,
         )?;
@@ -1248,7 +1263,7 @@ impl Prefill {
     ) -> Self {
         let lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
         let pool = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 3;
-        let paged = Paged::new(rng, &lens, nh, nkv, d, bs, pool);
+        let paged = Paged::new(rng, &lens, nh, nkv, d, bs, pool, 0);
         let total_q: usize = seqs.iter().map(|s| s.0).sum();
         let qkv = rng.bf16s(total_q * paged.attn.qkv_width(), -2.0, 2.0);
         Prefill { seqs, paged, qkv }
@@ -1677,9 +1692,27 @@ fn main() {
         }
     }
     if on("decode_attention") {
-        // (context lengths, heads, kv heads, head_dim, block size, cache pool in blocks)
+        // (context lengths, heads, kv heads, head_dim, block size, cache pool in blocks); each
+        // also run with max_context_len 4096, as decode graphs pass the model's length, so that
+        // contexts shorter than the launch's split size are spread over the splits.
         let cases: Vec<(Vec<usize>, usize, usize, usize, usize, usize)> = vec![
             (vec![1], 16, 8, 128, 256, 4),
+            (
+                (0..64).map(|i| 500 + i % 57).collect(),
+                32,
+                4,
+                128,
+                256,
+                300,
+            ),
+            (
+                (0..32).map(|i| 100 + i * 13).collect(),
+                32,
+                4,
+                128,
+                256,
+                300,
+            ),
             (vec![1, 255, 256, 257, 1000, 4097], 16, 8, 128, 256, 40),
             (vec![8192; 16], 16, 8, 128, 256, 200),
             (
@@ -1704,11 +1737,10 @@ fn main() {
             (vec![512 * 3 + 1; 512], 16, 8, 128, 256, 200),
         ];
         for (ctx, nh, nkv, d, bs, pool) in cases {
-            rep.check(
-                &cpu,
-                &gpu,
-                &Decode::new(&mut rng, ctx, nh, nkv, d, bs, pool),
-            );
+            for graph_len in [0, 4096] {
+                let case = Decode::new(&mut rng, ctx.clone(), nh, nkv, d, bs, pool, graph_len);
+                rep.check(&cpu, &gpu, &case);
+            }
         }
     }
     if on("prefill_attention") {

@@ -27,6 +27,8 @@ const DECODE_THREADS: u32 = 128;
 const SPLIT_GRANULE: usize = 128;
 /// Fewest tokens worth a split of their own: below this a CTA's fixed cost (loading q and the
 /// block table, merging warps, the partial write) is no longer small against its K/V reads.
+/// The kernel spreads each sequence's context over the launch's splits with the same two
+/// numbers (`DEC_SPLIT_GRANULE`, `DEC_MIN_SPLIT_TOKENS` in attention.cu).
 const MIN_SPLIT_TOKENS: usize = 256;
 /// Most block-table entries one decode CTA stages in shared memory (16 KiB of i32).
 const MAX_SPLIT_BLOCKS: usize = 4096;
@@ -131,8 +133,11 @@ fn check_cache(
 pub(crate) struct DecodeSplits {
     /// Splits per (sequence, kv head); 1 means no reduce pass.
     pub num_splits: usize,
-    /// Tokens of each split (a multiple of [`SPLIT_GRANULE`]); split `i` holds tokens
-    /// `i * tokens_per_split..(i + 1) * tokens_per_split`.
+    /// Most tokens of a split (a multiple of [`SPLIT_GRANULE`]; what sizes the block-table
+    /// slice a CTA stages). The kernel gives each sequence splits of its own size: its context
+    /// spread evenly over the `num_splits` (whole granules, at least [`MIN_SPLIT_TOKENS`],
+    /// at most this), so that in a CUDA graph captured for the model's longest context a
+    /// shorter one still keeps several splits busy.
     pub tokens_per_split: usize,
 }
 
