@@ -90,10 +90,11 @@ __device__ __forceinline__ float combine_splits(const float* part_ml, const floa
 // a (sequence, kv head) arrives here once it has written its partials (or found no tokens); the
 // last to arrive combines the splits for the G heads of the group, as attn_decode_reduce
 // would, and resets the counter. Saves the reduce kernel's launch and its gap in the graph.
+// `tps`: the sequence's split size (seq_split_tokens).
 template <int HD, int G>
 __device__ __forceinline__ void last_split_reduces(
     unsigned int* counters, const float* part_ml, const float* part_o, int ctx,
-    int tokens_per_split, int num_splits, int num_kv_heads, int kvh, int seq,
+    int tps, int num_splits, int num_kv_heads, int kvh, int seq,
     __nv_bfloat16* __restrict__ out)
 {
     __shared__ bool s_last;
@@ -106,7 +107,7 @@ __device__ __forceinline__ void last_split_reduces(
     if (!s_last) return;
     __threadfence();  // the other splits' partials, counted before our arrival, are read after it
     const int num_heads = num_kv_heads * G;
-    const int nv = splits_with_tokens(ctx, seq_split_tokens(ctx, tokens_per_split, num_splits), num_splits);
+    const int nv = splits_with_tokens(ctx, tps, num_splits);
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         const int h = kvh * G + i / HD, d = i % HD;
         const size_t base = ((size_t)seq * num_heads + h) * num_splits;
@@ -182,7 +183,7 @@ __device__ __forceinline__ void decode_body(
             for (int i = tid; i < G * HD; i += DEC_THREADS)
                 out[(size_t)seq * out_stride + (size_t)kvh * G * HD + i] = __float2bfloat16(0.f);
         } else if (counters != nullptr) {
-            last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tokens_per_split, num_splits,
+            last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tps, num_splits,
                                       num_kv_heads, kvh, seq, out);
         }
         return;
@@ -349,7 +350,7 @@ __device__ __forceinline__ void decode_body(
         }
     }
     if (num_splits > 1 && counters != nullptr)
-        last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tokens_per_split, num_splits,
+        last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tps, num_splits,
                                   num_kv_heads, kvh, seq, out);
 }
 
@@ -398,7 +399,8 @@ extern "C" __global__ void attn_decode_reduce(
     pdl_begin();
     const int h = blockIdx.x, seq = blockIdx.y, num_heads = gridDim.x;
     const int ctx = min(context_lens[seq], max_context_len);
-    const int nv = splits_with_tokens(ctx, seq_split_tokens(ctx, tokens_per_split, num_splits), num_splits);
+    const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
+    const int nv = splits_with_tokens(ctx, tps, num_splits);
     const size_t base = ((size_t)seq * num_heads + h) * num_splits;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x)
         out[((size_t)seq * num_heads + h) * head_dim + d] =
