@@ -429,3 +429,51 @@ extern "C" __global__ void __launch_bounds__(AR_THREADS)
         __syncthreads();  // sums, scratch and inv are reused by the next chunk
     }
 }
+
+// ar_copy_reduce: the receiving end of the two-rank all-reduce through the copy engines
+// (src/cuda/copy_ar.rs), which prefill's row-parallel products use so that the exchange of one
+// part of the rows overlaps the product of the next without taking SMs from it. The peer's
+// copy engine has written its partial sums into `recv` and then, behind a memory barrier,
+// `epoch` into `*flag` (a stream write of the peer's stream). Thread 0 of each block waits
+// until the flag reaches `epoch` (giving up after AR_TIMEOUT_NS, as take() does, when the peer
+// died), then the block adds: data = bf16(f32(data) + f32(recv)), over 16-byte vectors when
+// n % 8 == 0. Two f32 values sum to the same bits in either order, so both ranks end with the
+// same sum, the one NCCL's two-rank all-reduce gives.
+extern "C" __global__ void ar_copy_reduce(__nv_bfloat16* __restrict__ data, const __nv_bfloat16* __restrict__ recv,
+                                          long long n, const uint32_t* flag, uint32_t epoch, uint32_t* stuck,
+                                          volatile uint32_t* timed_out) {
+    pdl_begin();
+    if (threadIdx.x == 0) {
+        const uint64_t start = global_ns();
+        while (*((volatile uint32_t*)stuck) == 0) {
+            uint32_t f;
+            asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
+            if ((int32_t)(f - epoch) >= 0) break;
+            if (global_ns() - start > AR_TIMEOUT_NS) {
+                *((volatile uint32_t*)stuck) = 1u;
+                *timed_out = 1u;
+                __threadfence_system();
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if ((n & 7) == 0) {
+        uint4* d = reinterpret_cast<uint4*>(data);
+        const uint4* r = reinterpret_cast<const uint4*>(recv);
+        for (long long i = i0; i < n / 8; i += stride) {
+            uint4 a = d[i];
+            const uint4 b = __ldcg(r + i);
+            __nv_bfloat16* ah = reinterpret_cast<__nv_bfloat16*>(&a);
+            const __nv_bfloat16* bh = reinterpret_cast<const __nv_bfloat16*>(&b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) ah[j] = __float2bfloat16(__bfloat162float(ah[j]) + __bfloat162float(bh[j]));
+            d[i] = a;
+        }
+    } else {
+        for (long long i = i0; i < n; i += stride)
+            data[i] = __float2bfloat16(__bfloat162float(data[i]) + __bfloat162float(__ldcg(recv + i)));
+    }
+}

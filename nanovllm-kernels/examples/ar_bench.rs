@@ -13,6 +13,12 @@
 //! the children) times NCCL alone; `NANOVLLM_PDL=0` turns off programmatic dependent launch.
 //! `AR_BENCH_RANKS` sets N (default 2).
 //!
+//! A second table times prefill-sized row-parallel products of Qwen3-8B at tp 2 (eagerly, as
+//! prefill runs them): the product alone, its all-reduce alone, the two in a row, and
+//! `NcclComm::gemm_all_reduce`, which overlaps the parts' all-reduces with the next parts'
+//! products through the copy engines (parts of `NANOVLLM_AR_OVERLAP_ROWS` rows).
+//! `AR_BENCH_TABLES` picks the tables (`decode`, `prefill`; default both).
+//!
 //! The calls repeat on the same buffers, so the values grow without bound (to inf and NaN):
 //! only the time is meaningful here; `scripts/gpu/tp.sh` (part `equal`) checks the values.
 
@@ -22,6 +28,14 @@ use cudarc::driver::sys::CUevent_flags;
 use nanovllm_kernels::cuda::{device_count, nccl_unique_id, CudaBackend, NcclComm, NCCL_ID_BYTES};
 use nanovllm_kernels::{bf16, Backend};
 use nanovllm_utils::{Error, Result};
+
+/// (m, n, k) of the prefill table: Qwen3-8B's o_proj and down_proj at tp 2.
+const PREFILL_SHAPES: [(usize, usize, usize); 4] = [
+    (4096, 4096, 2048),
+    (4096, 4096, 6144),
+    (16_384, 4096, 2048),
+    (16_384, 4096, 6144),
+];
 
 /// Collective calls per captured graph: about one decode step of Qwen3-8B (two per layer).
 const CALLS: usize = 72;
@@ -125,6 +139,93 @@ fn real_main() -> Result<()> {
 fn run(rank: usize, ranks: usize, id: &[u8; NCCL_ID_BYTES]) -> Result<()> {
     let be = CudaBackend::new(rank)?;
     let comm = NcclComm::new(&be, rank, ranks, id)?;
+    let tables = std::env::var("AR_BENCH_TABLES").unwrap_or_else(|_| "decode prefill".into());
+    if tables.contains("decode") {
+        decode_table(&be, &comm, rank, ranks)?;
+    }
+    if tables.contains("prefill") {
+        prefill_table(&be, &comm, rank)?;
+    }
+    comm.check()
+}
+
+/// The prefill table (see the module documentation).
+fn prefill_table(be: &CudaBackend, comm: &NcclComm, rank: usize) -> Result<()> {
+    if rank == 0 {
+        println!(
+            "prefill products at tp 2, median of {REPLAYS} eager calls; \
+             NANOVLLM_AR_OVERLAP_ROWS={}",
+            env_or_dash("NANOVLLM_AR_OVERLAP_ROWS"),
+        );
+        println!(
+            "{:>6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>11}",
+            "m", "n", "k", "gemm", "all-reduce", "in a row", "overlapped"
+        );
+    }
+    for (m, n, k) in PREFILL_SHAPES {
+        let host = |len: usize, seed: usize| -> Vec<bf16> {
+            (0..len)
+                .map(|i| bf16::from_f32(((i * 7919 + seed * 104_729) % 2001) as f32 / 1e5))
+                .collect()
+        };
+        let x = be.from_host(&host(m * k, rank))?;
+        let w = be.from_host(&host(n * k, 7 + rank))?;
+        let mut out = be.alloc::<bf16>(m * n)?;
+        let gemm = time_eager(be, &mut || be.gemm(&x, &w, m, n, k, &mut out))?;
+        let ar = time_eager(be, &mut || comm.all_reduce_sum(&mut out, m * n))?;
+        let row = time_eager(be, &mut || {
+            be.gemm(&x, &w, m, n, k, &mut out)?;
+            comm.all_reduce_sum(&mut out, m * n)
+        })?;
+        let overlapped = time_eager(be, &mut || {
+            comm.gemm_all_reduce(be, &x, &w, m, n, k, &mut out)
+        })?;
+        if rank == 0 {
+            let us = |s: f64| format!("{:.1} us", s * 1e6);
+            println!(
+                "{m:>6} {n:>6} {k:>6} {:>11} {:>11} {:>11} {:>11}",
+                us(gemm),
+                us(ar),
+                us(row),
+                us(overlapped)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn env_or_dash(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| "-".into())
+}
+
+/// Median seconds of one eager call of `f` (every rank makes the same calls).
+fn time_eager(be: &CudaBackend, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    be.synchronize()?;
+    let err = |e| Error::Cuda(format!("ar_bench events: {e:?}"));
+    let ctx = be.ctx();
+    let mut times = Vec::with_capacity(REPLAYS);
+    for _ in 0..REPLAYS {
+        let a = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err)?;
+        let b = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(err)?;
+        a.record(be.stream()).map_err(err)?;
+        f()?;
+        b.record(be.stream()).map_err(err)?;
+        b.synchronize().map_err(err)?;
+        times.push(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[REPLAYS / 2])
+}
+
+/// The decode table (see the module documentation).
+fn decode_table(be: &CudaBackend, comm: &NcclComm, rank: usize, ranks: usize) -> Result<()> {
     if rank == 0 {
         println!(
             "ar_bench: {ranks} x {}, {} all-reduce, PDL {}; {CALLS} calls per graph, median of \
@@ -155,15 +256,15 @@ fn run(rank: usize, ranks: usize, id: &[u8; NCCL_ID_BYTES]) -> Result<()> {
         let mut residual = be.from_host(&host)?;
         let weight = be.from_host(&host[..hidden])?;
         let eps = 1e-6;
-        let ar = time(&be, &mut || comm.all_reduce_sum(&mut x, len))?;
-        let pair = time(&be, &mut || {
+        let ar = time(be, &mut || comm.all_reduce_sum(&mut x, len))?;
+        let pair = time(be, &mut || {
             comm.all_reduce_sum(&mut x, len)?;
             be.add_rms_norm(&mut x, &mut residual, &weight, rows, hidden, eps)
         })?;
-        let fused = time(&be, &mut || {
-            comm.all_reduce_add_rms_norm(&be, &mut x, &mut residual, &weight, rows, hidden, eps)
+        let fused = time(be, &mut || {
+            comm.all_reduce_add_rms_norm(be, &mut x, &mut residual, &weight, rows, hidden, eps)
         })?;
-        let norm = time(&be, &mut || {
+        let norm = time(be, &mut || {
             be.add_rms_norm(&mut x, &mut residual, &weight, rows, hidden, eps)
         })?;
         if rank == 0 {
@@ -177,7 +278,7 @@ fn run(rank: usize, ranks: usize, id: &[u8; NCCL_ID_BYTES]) -> Result<()> {
             );
         }
     }
-    comm.check()
+    Ok(())
 }
 
 /// Median seconds per call of `f`, replayed from a CUDA graph of `CALLS` calls. Every rank

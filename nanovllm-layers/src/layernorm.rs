@@ -12,7 +12,7 @@ use half::bf16;
 use nanovllm_kernels::Backend;
 use nanovllm_utils::Result;
 
-use crate::linear::upload;
+use crate::linear::{upload, RowParallelOutput};
 use crate::loader::WeightSource;
 use crate::tp::TpComm;
 
@@ -61,11 +61,13 @@ impl<B: Backend> RMSNorm<B> {
         be.add_rms_norm(x, residual, &self.weight, n, self.hidden_size, self.eps)
     }
 
-    /// [`Self::add_forward`] of the sum over the ranks of `comm` of `x`, in place: `x` holds
-    /// this rank's partial sums (the output of `RowParallelLinear::forward_partial`); it is
-    /// all-reduced, added to `residual`, and normalised, as `all_reduce_sum` followed by
-    /// `add_forward` would (same bits), through [`TpComm::all_reduce_add_rms_norm`]. With one
-    /// rank it is `add_forward`.
+    /// [`Self::add_forward`] of the sum over the ranks of `comm` of a row-parallel layer's
+    /// output `x`, in place. `produced` says what the layer left in `x`
+    /// (`RowParallelLinear::forward_for_norm` answers it): for
+    /// [`RowParallelOutput::Partial`], this rank's partial sums, which are all-reduced, added
+    /// to `residual` and normalised as `all_reduce_sum` followed by `add_forward` would (same
+    /// bits), through [`TpComm::all_reduce_add_rms_norm`]; for [`RowParallelOutput::Summed`],
+    /// the sum already, so this is `add_forward`. With one rank it is `add_forward`.
     pub fn reduce_add_forward(
         &self,
         be: &B,
@@ -73,8 +75,20 @@ impl<B: Backend> RMSNorm<B> {
         x: &mut B::Buf<bf16>,
         residual: &mut B::Buf<bf16>,
         n: usize,
+        produced: RowParallelOutput,
     ) -> Result<()> {
-        comm.all_reduce_add_rms_norm(be, x, residual, &self.weight, n, self.hidden_size, self.eps)
+        match produced {
+            RowParallelOutput::Summed => self.add_forward(be, x, residual, n),
+            RowParallelOutput::Partial => comm.all_reduce_add_rms_norm(
+                be,
+                x,
+                residual,
+                &self.weight,
+                n,
+                self.hidden_size,
+                self.eps,
+            ),
+        }
     }
 
     /// The `[hidden_size]` weight.
@@ -127,13 +141,21 @@ mod tests {
             // Longer than the n rows: only those take part.
             let x = rand_bf16(n * hidden + 5, 10 + c.rank() as u64);
             let (mut x1, mut r1) = bufs(&x);
-            norm.reduce_add_forward(&be, &c, &mut x1, &mut r1, n)
+            norm.reduce_add_forward(&be, &c, &mut x1, &mut r1, n, RowParallelOutput::Partial)
                 .unwrap();
             let (mut x2, mut r2) = bufs(&x);
             c.all_reduce_sum(&be, &mut x2, n * hidden).unwrap();
             norm.add_forward(&be, &mut x2, &mut r2, n).unwrap();
             assert_eq!(x1.as_slice(), x2.as_slice());
             assert_eq!(r1.as_slice(), r2.as_slice());
+            // An output already summed gets the add + norm alone (a second all-reduce would
+            // double it).
+            let (mut x3, mut r3) = bufs(&x);
+            c.all_reduce_sum(&be, &mut x3, n * hidden).unwrap();
+            norm.reduce_add_forward(&be, &c, &mut x3, &mut r3, n, RowParallelOutput::Summed)
+                .unwrap();
+            assert_eq!(x3.as_slice(), x2.as_slice());
+            assert_eq!(r3.as_slice(), r2.as_slice());
             // The rows only: past them each rank keeps its own values.
             (x1.as_slice()[..n * hidden].to_vec(), r1.into_vec())
         });
@@ -141,8 +163,15 @@ mod tests {
 
         let x = rand_bf16(n * hidden, 3);
         let (mut x1, mut r1) = bufs(&x);
-        norm.reduce_add_forward(&be, &SingleRank, &mut x1, &mut r1, n)
-            .unwrap();
+        norm.reduce_add_forward(
+            &be,
+            &SingleRank,
+            &mut x1,
+            &mut r1,
+            n,
+            RowParallelOutput::Partial,
+        )
+        .unwrap();
         let (mut x2, mut r2) = bufs(&x);
         norm.add_forward(&be, &mut x2, &mut r2, n).unwrap();
         assert_eq!(x1.as_slice(), x2.as_slice());
@@ -158,7 +187,7 @@ mod tests {
         let errs = on_threads(2, |c| {
             let mut x = CpuBuf::from_vec(rand_bf16(n * hidden - 1, 4));
             let mut r = CpuBuf::from_vec(rand_bf16(n * hidden, 5));
-            norm.reduce_add_forward(&be, &c, &mut x, &mut r, n)
+            norm.reduce_add_forward(&be, &c, &mut x, &mut r, n, RowParallelOutput::Partial)
                 .unwrap_err()
         });
         for err in errs {

@@ -13,7 +13,11 @@
 //!   narrow along dim 1), multiplies the matching slice of the activations, and the partial
 //!   products are summed across ranks by an all-reduce: in `forward`, or left to the caller
 //!   with `forward_partial` when the next op can take the all-reduce into itself (the decoder's
-//!   residual add + RMSNorm: `RMSNorm::reduce_add_forward`).
+//!   residual add + RMSNorm: `RMSNorm::reduce_add_forward`). The decoder calls
+//!   `forward_for_norm`, which picks between the two per step and says which it did
+//!   ([`RowParallelOutput`]): partial sums for few rows (the norm's fused all-reduce is
+//!   cheapest), the sum itself for many, where the group can overlap the all-reduce with the
+//!   product ([`TpComm::gemm_all_reduce`]).
 //!
 //! Qwen3 has no biases, so none of these carry one. Each layer's `load` reads only its rank's
 //! shard of the checkpoint tensor(s) and uploads it once; `forward` is one GEMM on the hot path
@@ -358,6 +362,17 @@ impl<B: Backend> QKVParallelLinear<B> {
     }
 }
 
+/// What a row-parallel layer left in its output (see [`RowParallelLinear::forward_for_norm`]).
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowParallelOutput {
+    /// This rank's term of the sum; summing it over the ranks is left to the caller (with one
+    /// rank, the whole product).
+    Partial,
+    /// The sum over the ranks, on every rank.
+    Summed,
+}
+
 /// A linear layer split along its inputs: this rank multiplies its `input_size / tp` slice of
 /// the activations (the output of a column-parallel layer) by its columns of the weight, and
 /// the partial products are summed over ranks.
@@ -410,11 +425,63 @@ impl<B: Backend> RowParallelLinear<B> {
         n: usize,
         out: &mut B::Buf<bf16>,
     ) -> Result<()> {
-        self.forward_partial(be, x, n, out)?;
         if self.comm.size() > 1 {
-            self.comm.all_reduce_sum(be, out, n * self.output_size)?;
+            return self.comm.gemm_all_reduce(
+                be,
+                x,
+                &self.weight,
+                n,
+                self.output_size,
+                self.input_size_per_partition,
+                out,
+            );
         }
-        Ok(())
+        self.forward_partial(be, x, n, out)
+    }
+
+    /// Whether the group overlaps this layer's all-reduce with its product at `n` rows.
+    fn sums_in_gemm(&self, n: usize) -> bool {
+        self.comm.size() > 1 && self.comm.overlaps_gemm_all_reduce(n, self.output_size)
+    }
+
+    /// The layer's output for a residual add + RMSNorm that follows (the decoder's): the sum
+    /// over the ranks ([`Self::forward`]) where the group overlaps the all-reduce with the
+    /// product at `n` rows ([`TpComm::overlaps_gemm_all_reduce`]), this rank's term
+    /// ([`Self::forward_partial`]) otherwise, for the norm to fuse the all-reduce. The answer
+    /// says which; pass it to [`crate::layernorm::RMSNorm::reduce_add_forward`].
+    pub fn forward_for_norm(
+        &self,
+        be: &B,
+        x: &B::Buf<bf16>,
+        n: usize,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<RowParallelOutput> {
+        if self.sums_in_gemm(n) {
+            self.forward(be, x, n, out)?;
+            return Ok(RowParallelOutput::Summed);
+        }
+        self.forward_partial(be, x, n, out)?;
+        Ok(RowParallelOutput::Partial)
+    }
+
+    /// [`Self::forward_for_norm`] of the MLP's activation, as [`Self::forward_partial_silu`]
+    /// takes it: where the sum is overlapped with the product, `silu(gate) * up` goes to `act`
+    /// first and the product reads it there.
+    pub fn forward_silu_for_norm(
+        &self,
+        be: &B,
+        gate_up: &B::Buf<bf16>,
+        n: usize,
+        act: &mut B::Buf<bf16>,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<RowParallelOutput> {
+        if self.sums_in_gemm(n) {
+            be.silu_and_mul(gate_up, n, self.input_size_per_partition, act)?;
+            self.forward(be, act, n, out)?;
+            return Ok(RowParallelOutput::Summed);
+        }
+        self.forward_partial_silu(be, gate_up, n, act, out)?;
+        Ok(RowParallelOutput::Partial)
     }
 
     /// This rank's term of [`Self::forward`] without the all-reduce:
@@ -693,5 +760,53 @@ mod tests {
             assert_close(y, &want_y, "row-parallel all-reduced output");
         }
         assert_eq!(per_rank[0].2, per_rank[1].2);
+    }
+
+    /// `forward_for_norm` leaves this rank's term for few rows and the sum from the group's
+    /// threshold on (and says which), the silu form likewise; with one rank, the product.
+    #[test]
+    fn forward_for_norm_sums_where_the_group_overlaps() {
+        let be = CpuBackend::new();
+        let (hidden, inter) = (8, 12);
+        let down = rand_bf16(hidden * inter, 13);
+        let src = source(&[("down", &[hidden, inter], &down)]);
+        for n in [2, 5] {
+            let per_rank = on_threads(2, |c| {
+                let rank = c.rank() as u64;
+                let comm: Comm = Arc::new(c.with_gemm_all_reduce_from(4));
+                let mut dp = RowParallelLinear::new(&be, inter, hidden, &comm).unwrap();
+                dp.load(&be, &src, "down").unwrap();
+                let half = inter / 2;
+                let gate_up = CpuBuf::from_vec(rand_bf16(n * 2 * half, 20 + rank));
+                let mut act = be.zeros::<bf16>(n * half).unwrap();
+                be.silu_and_mul(&gate_up, n, half, &mut act).unwrap();
+                let mut part = be.zeros::<bf16>(n * hidden).unwrap();
+                dp.forward_partial(&be, &act, n, &mut part).unwrap();
+                let mut sum = part.clone();
+                comm.all_reduce_sum(&be, &mut sum, n * hidden).unwrap();
+                let (want, kind) = match n >= 4 {
+                    true => (&sum, RowParallelOutput::Summed),
+                    false => (&part, RowParallelOutput::Partial),
+                };
+                let mut y = be.zeros::<bf16>(n * hidden).unwrap();
+                assert_eq!(dp.forward_for_norm(&be, &act, n, &mut y).unwrap(), kind);
+                assert_eq!(y.as_slice(), want.as_slice(), "n = {n}");
+                let mut act2 = be.zeros::<bf16>(n * half).unwrap();
+                let mut y2 = be.zeros::<bf16>(n * hidden).unwrap();
+                let got = dp.forward_silu_for_norm(&be, &gate_up, n, &mut act2, &mut y2);
+                assert_eq!(got.unwrap(), kind);
+                assert_eq!(y2.as_slice(), want.as_slice(), "silu, n = {n}");
+                sum.into_vec()
+            });
+            assert_eq!(per_rank[0], per_rank[1]);
+        }
+        let mut dp = RowParallelLinear::new(&be, inter, hidden, &rank_of(1, 0)).unwrap();
+        dp.load(&be, &src, "down").unwrap();
+        let act = CpuBuf::from_vec(rand_bf16(3 * inter, 14));
+        let mut y = be.zeros::<bf16>(3 * hidden).unwrap();
+        let kind = dp.forward_for_norm(&be, &act, 3, &mut y).unwrap();
+        assert_eq!(kind, RowParallelOutput::Partial);
+        let want = matmul_ref(act.as_slice(), &down, 3, hidden, inter);
+        assert_close(y.as_slice(), &want, "one rank");
     }
 }

@@ -58,6 +58,41 @@ pub trait TpComm<B: Backend>: Send + Sync {
         }
         be.add_rms_norm(x, residual, weight, n, hidden, eps)
     }
+    /// Whether [`TpComm::gemm_all_reduce`] of `m` rows of `n` outputs hides part of its
+    /// all-reduce behind the product, so that a row-parallel layer does better to call it than
+    /// to leave its partial sums to [`TpComm::all_reduce_add_rms_norm`] (prefill-sized steps on
+    /// NCCL). The default: never.
+    fn overlaps_gemm_all_reduce(&self, m: usize, n: usize) -> bool {
+        let _ = (m, n);
+        false
+    }
+    /// A row-parallel product summed over the ranks, in `out`:
+    /// `out[m, n] = sum over ranks of x_r[m, k] . w_r[n, k]^T`, each element rounded to bf16
+    /// as [`Backend::gemm`] and then [`TpComm::all_reduce_sum`] round it. The default is those
+    /// two ops in a row; an implementation may instead split the rows into parts and sum each
+    /// part while the next one's product is computed.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_all_reduce(
+        &self,
+        be: &B,
+        x: &B::Buf<bf16>,
+        w: &B::Buf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<()> {
+        be.gemm(x, w, m, n, k, out)?;
+        if self.size() > 1 {
+            let len = m.checked_mul(n).ok_or_else(|| {
+                Error::Other(format!(
+                    "TpComm::gemm_all_reduce: {m} x {n} elements is larger than memory"
+                ))
+            })?;
+            self.all_reduce_sum(be, out, len)?;
+        }
+        Ok(())
+    }
     /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
     /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
     /// elements land at `full[r * stride..r * stride + len]` (`len <= stride`). With a fixed
@@ -148,6 +183,8 @@ struct Group {
 pub struct ThreadComm {
     rank: usize,
     group: Arc<Group>,
+    /// Rows from which [`TpComm::overlaps_gemm_all_reduce`] answers yes (never by default).
+    gemm_all_reduce_from: usize,
 }
 
 impl ThreadComm {
@@ -166,8 +203,19 @@ impl ThreadComm {
             .map(|rank| ThreadComm {
                 rank,
                 group: Arc::clone(&group),
+                gemm_all_reduce_from: usize::MAX,
             })
             .collect()
+    }
+
+    /// This rank, answering [`TpComm::overlaps_gemm_all_reduce`] with yes from `rows` rows on.
+    /// Threads gain nothing from it (the default [`TpComm::gemm_all_reduce`] overlaps
+    /// nothing), but the layers then take the path NCCL's group takes for prefill-sized steps
+    /// (the product summed in one call, then the plain residual add + RMSNorm), which this
+    /// lets the CPU tests cover. Every rank of a group must be given the same `rows`.
+    pub fn with_gemm_all_reduce_from(mut self, rows: usize) -> Self {
+        self.gemm_all_reduce_from = rows;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, GroupState> {
@@ -233,6 +281,10 @@ impl TpComm<CpuBackend> for ThreadComm {
 
     fn size(&self) -> usize {
         self.group.size
+    }
+
+    fn overlaps_gemm_all_reduce(&self, m: usize, _n: usize) -> bool {
+        m >= self.gemm_all_reduce_from
     }
 
     fn all_reduce_sum(&self, _be: &CpuBackend, buf: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
@@ -380,6 +432,25 @@ mod nccl {
             eps: f32,
         ) -> Result<()> {
             NcclComm::all_reduce_add_rms_norm(self, be, x, residual, weight, n, hidden, eps)
+        }
+
+        fn overlaps_gemm_all_reduce(&self, m: usize, n: usize) -> bool {
+            NcclComm::overlaps_gemm_all_reduce(self, m, n)
+        }
+
+        /// The parts' all-reduces overlap the next parts' products on a second stream where
+        /// [`NcclComm::overlaps_gemm_all_reduce`]; the two ops in a row otherwise.
+        fn gemm_all_reduce(
+            &self,
+            be: &CudaBackend,
+            x: &CudaBuf<bf16>,
+            w: &CudaBuf<bf16>,
+            m: usize,
+            n: usize,
+            k: usize,
+            out: &mut CudaBuf<bf16>,
+        ) -> Result<()> {
+            NcclComm::gemm_all_reduce(self, be, x, w, m, n, k, out)
         }
 
         fn gather_rank0(

@@ -34,7 +34,9 @@ use nanovllm_layers::attention::Attention;
 use nanovllm_layers::context::Context;
 use nanovllm_layers::embed_head::{LogitsBuffers, ParallelLMHead, VocabParallelEmbedding};
 use nanovllm_layers::layernorm::RMSNorm;
-use nanovllm_layers::linear::{MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear};
+use nanovllm_layers::linear::{
+    MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, RowParallelOutput,
+};
 use nanovllm_layers::loader::WeightSource;
 use nanovllm_layers::rotary_embedding::RotaryEmbedding;
 use nanovllm_layers::tp::{divide, TpComm};
@@ -259,9 +261,10 @@ impl<B: Backend> Qwen3Attention<B> {
             .load(be, src, &format!("{prefix}.k_norm.weight"))
     }
 
-    /// `hidden` (normalised input) -> `hidden` (this rank's partial sum of the attention block
-    /// output: the all-reduce is left to the norm that follows); keys and values go to layer
-    /// `layer` of `kv`.
+    /// `hidden` (normalised input) -> `hidden` (the attention block's output: this rank's
+    /// partial sum, or the sum where the group overlaps the all-reduce with the product; the
+    /// answer says which, for the norm that follows); keys and values go to layer `layer` of
+    /// `kv`.
     fn forward(
         &self,
         be: &B,
@@ -270,7 +273,7 @@ impl<B: Backend> Qwen3Attention<B> {
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
         layer: usize,
-    ) -> Result<()> {
+    ) -> Result<RowParallelOutput> {
         let n = ctx.num_tokens;
         self.qkv_proj.forward(be, &ws.hidden, n, &mut ws.qkv)?;
         let (k_cache, v_cache) = (&mut kv.k[layer], &mut kv.v[layer]);
@@ -287,7 +290,7 @@ impl<B: Backend> Qwen3Attention<B> {
             &mut ws.attn_out,
         )?;
         self.o_proj
-            .forward_partial(be, &ws.attn_out, n, &mut ws.hidden)
+            .forward_for_norm(be, &ws.attn_out, n, &mut ws.hidden)
     }
 }
 
@@ -317,14 +320,14 @@ impl<B: Backend> Qwen3MLP<B> {
             .load(be, src, &format!("{prefix}.down_proj.weight"))
     }
 
-    /// `hidden` (normalised input) -> `hidden` (this rank's partial sum of the MLP output: the
-    /// all-reduce is left to the norm that follows).
-    fn forward(&self, be: &B, n: usize, ws: &mut Workspace<B>) -> Result<()> {
+    /// `hidden` (normalised input) -> `hidden` (the MLP's output: this rank's partial sum, or
+    /// the sum, as the answer says; see [`Qwen3Attention::forward`]).
+    fn forward(&self, be: &B, n: usize, ws: &mut Workspace<B>) -> Result<RowParallelOutput> {
         self.gate_up_proj
             .forward(be, &ws.hidden, n, &mut ws.gate_up)?;
         // silu(gate) * up, then down_proj (one kernel for a few rows on CUDA).
         self.down_proj
-            .forward_partial_silu(be, &ws.gate_up, n, &mut ws.act, &mut ws.hidden)
+            .forward_silu_for_norm(be, &ws.gate_up, n, &mut ws.act, &mut ws.hidden)
     }
 }
 
@@ -360,9 +363,10 @@ impl<B: Backend> Qwen3DecoderLayer<B> {
     }
 
     /// Layer `layer` of the model. The first layer normalises the embeddings (already in
-    /// `residual`, all-reduced by the embedding); the others sum the previous layer's output
-    /// (in `hidden`, this rank's partial sum) over the ranks of `comm` and add it to the
-    /// residual stream first. Leaves this rank's partial sum of the layer's output in `hidden`.
+    /// `residual`, all-reduced by the embedding); the others add the previous layer's output
+    /// (in `hidden`, what `prev` says: this rank's partial sum, summed over the ranks of
+    /// `comm` here, or the sum) to the residual stream first. Leaves the layer's output in
+    /// `hidden` and answers what it is.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -373,7 +377,8 @@ impl<B: Backend> Qwen3DecoderLayer<B> {
         ws: &mut Workspace<B>,
         kv: &mut KvCache<B>,
         layer: usize,
-    ) -> Result<()> {
+        prev: RowParallelOutput,
+    ) -> Result<RowParallelOutput> {
         let n = ctx.num_tokens;
         if layer == 0 {
             self.input_layernorm
@@ -385,15 +390,17 @@ impl<B: Backend> Qwen3DecoderLayer<B> {
                 &mut ws.hidden,
                 &mut ws.residual,
                 n,
+                prev,
             )?;
         }
-        self.self_attn.forward(be, rope, ctx, ws, kv, layer)?;
+        let attn = self.self_attn.forward(be, rope, ctx, ws, kv, layer)?;
         self.post_attention_layernorm.reduce_add_forward(
             be,
             comm,
             &mut ws.hidden,
             &mut ws.residual,
             n,
+            attn,
         )?;
         self.mlp.forward(be, n, ws)
     }
@@ -547,15 +554,16 @@ impl<B: Backend> Qwen3ForCausalLM<B> {
         let n = ctx.num_tokens;
         self.embed_tokens
             .forward(be, input_ids, n, &mut ws.residual)?;
+        let mut out = RowParallelOutput::Partial;
         for (i, layer) in self.layers.iter().enumerate() {
-            layer.forward(be, &*self.comm, &self.rotary_emb, ctx, ws, kv, i)?;
+            out = layer.forward(be, &*self.comm, &self.rotary_emb, ctx, ws, kv, i, out)?;
         }
         if self.layers.is_empty() {
             self.norm.forward(be, &ws.residual, n, &mut ws.hidden)
         } else {
-            // The last layer's partial sums, all-reduced inside the norm.
+            // The last layer's output, all-reduced inside the norm where it is partial.
             self.norm
-                .reduce_add_forward(be, &*self.comm, &mut ws.hidden, &mut ws.residual, n)
+                .reduce_add_forward(be, &*self.comm, &mut ws.hidden, &mut ws.residual, n, out)
         }
     }
 

@@ -509,16 +509,28 @@ fn greedy_decode_matches_hf() {
 
 /// The untied fixture split over two ranks (threads): 4 query heads and 1 key/value head per
 /// rank, half the MLP, half the vocabulary per rank; rank 0's logits must match transformers
-/// and the unsharded model.
+/// and the unsharded model. Run twice: with the row-parallel layers leaving partial sums to the
+/// norms' fused all-reduce (as decode steps do), and with them summing in the product's call
+/// from one row on (as prefill steps on NCCL do); the two must give the same bits.
 #[test]
 fn tensor_parallel_two_ranks_match_hf() {
     let f = fixture("tiny-qwen3-untied");
     let weights = Weights::open(&f.dir).unwrap();
+    let fused = tensor_parallel_run(&f, &weights, usize::MAX);
+    let summed = tensor_parallel_run(&f, &weights, 1);
+    assert!(fused == summed, "summing in the product changed the logits");
+}
+
+/// Prefill and one decode step of case 1 on two ranks (threads) whose row-parallel layers sum
+/// in the product's call from `sum_from` rows on; checks them against transformers and answers
+/// rank 0's (prefill, decode) logits.
+fn tensor_parallel_run(f: &Fixture, weights: &Weights, sum_from: usize) -> Vec<Vec<Vec<f32>>> {
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = ThreadComm::group(2)
             .into_iter()
+            .map(|comm| comm.with_gemm_all_reduce_from(sum_from))
             .map(|comm| {
-                let (f, weights) = (&f, &weights);
+                let (f, weights) = (f, weights);
                 s.spawn(move || {
                     let mut r = Runner::new(&f.config, Arc::new(comm), weights);
                     let c = &f.cases[1];
@@ -559,6 +571,7 @@ fn tensor_parallel_two_ranks_match_hf() {
     for (row0, row1) in prefill.iter().zip(prefill1) {
         assert_eq!(&row0[half..], &row1[..]);
     }
+    vec![prefill.clone(), decode.clone()]
 }
 
 /// A source that hides one tensor of another.

@@ -43,7 +43,7 @@ const MAX_FUSED_HIDDEN: usize = 8 * 2 * THREADS as usize;
 const ELEM: usize = std::mem::size_of::<bf16>();
 /// The bytes of the empty mark (`AR_EMPTY` in custom_ar.cu: every bf16 0xFFFF).
 const EMPTY_BYTE: u8 = 0xff;
-const HANDLE_BYTES: usize = 64;
+pub(crate) const HANDLE_BYTES: usize = 64;
 
 /// Offset of the small lane's slots in the shared allocation of a `world`-rank group (the big
 /// lane's start at 0), and the allocation's size: each lane holds slots [parity][rank][cap].
@@ -75,7 +75,7 @@ pub(crate) struct CustomAllReduce {
     fused: CudaFunction,
 }
 
-fn cu(what: &str, r: sys::CUresult) -> Result<()> {
+pub(crate) fn cu(what: &str, r: sys::CUresult) -> Result<()> {
     match r {
         sys::CUresult::CUDA_SUCCESS => Ok(()),
         e => Err(Error::Cuda(format!("custom all-reduce: {what}: {e:?}"))),
@@ -95,39 +95,7 @@ impl CustomAllReduce {
                 "custom all-reduce: {world} ranks; 2..={MAX_RANKS} supported"
             )));
         }
-        let bytes = layout(world).1;
-        // SAFETY: a plain synchronous allocation (IPC needs cuMemAlloc memory, not the stream
-        // pool); the context is bound to this thread by the backend.
-        let local = unsafe { cudarc::driver::result::malloc_sync(bytes) }
-            .map_err(|e| driver_err("custom all-reduce: alloc", e))?;
-        let mut handle = std::mem::MaybeUninit::<CUipcMemHandle>::uninit();
-        let got = (|| {
-            // SAFETY: `local` is a live allocation of `bytes`; every slot starts empty, before
-            // any peer can know the handle.
-            unsafe {
-                cudarc::driver::result::memset_d8_sync(local, EMPTY_BYTE, bytes)
-                    .map_err(|e| driver_err("custom all-reduce: zero", e))?;
-                cu(
-                    "get IPC handle",
-                    sys::cuIpcGetMemHandle(handle.as_mut_ptr(), local),
-                )?;
-                Ok::<_, Error>(handle.assume_init())
-            }
-        })();
-        match got {
-            Ok(h) => {
-                let mut out = [0u8; HANDLE_BYTES];
-                for (o, c) in out.iter_mut().zip(h.reserved) {
-                    *o = c as u8;
-                }
-                Ok((local, out))
-            }
-            Err(e) => {
-                // SAFETY: freeing the allocation made above, used by nobody.
-                let _ = unsafe { cudarc::driver::result::free_sync(local) };
-                Err(e)
-            }
-        }
+        ipc_alloc(layout(world).1, EMPTY_BYTE)
     }
 
     /// Opens every peer's allocation from `handles` (indexed by rank) and readies the kernels.
@@ -188,23 +156,7 @@ impl CustomAllReduce {
                 bases[r] = local;
                 continue;
             }
-            let mut handle = CUipcMemHandle {
-                reserved: [0; HANDLE_BYTES],
-            };
-            for (d, s) in handle.reserved.iter_mut().zip(h) {
-                *d = *s as _;
-            }
-            let mut ptr: CUdeviceptr = 0;
-            // SAFETY: the handle came from cuIpcGetMemHandle in rank r's process, which keeps
-            // the allocation alive until after this rank closed it (communicators are torn
-            // down together); `ptr` is a valid out-pointer.
-            cu("open IPC handle", unsafe {
-                sys::cuIpcOpenMemHandle_v2(
-                    &mut ptr,
-                    handle,
-                    CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
-                )
-            })?;
+            let ptr = ipc_open(h)?;
             ar.opened.push(ptr);
             bases[r] = ptr;
         }
@@ -374,8 +326,68 @@ impl Drop for CustomAllReduce {
     }
 }
 
+/// A device allocation of `bytes` filled with `fill`, to share with other processes, and its
+/// IPC handle. The caller frees it with `free_sync` (after every importer closed it).
+pub(crate) fn ipc_alloc(bytes: usize, fill: u8) -> Result<(CUdeviceptr, [u8; HANDLE_BYTES])> {
+    // SAFETY: a plain synchronous allocation (IPC needs cuMemAlloc memory, not the stream
+    // pool); the context is bound to this thread by the backend.
+    let local = unsafe { cudarc::driver::result::malloc_sync(bytes) }
+        .map_err(|e| driver_err("IPC buffer: alloc", e))?;
+    let mut handle = std::mem::MaybeUninit::<CUipcMemHandle>::uninit();
+    let got = (|| {
+        // SAFETY: `local` is a live allocation of `bytes`, filled before any peer can know the
+        // handle.
+        unsafe {
+            cudarc::driver::result::memset_d8_sync(local, fill, bytes)
+                .map_err(|e| driver_err("IPC buffer: fill", e))?;
+            cu(
+                "get IPC handle",
+                sys::cuIpcGetMemHandle(handle.as_mut_ptr(), local),
+            )?;
+            Ok::<_, Error>(handle.assume_init())
+        }
+    })();
+    match got {
+        Ok(h) => {
+            let mut out = [0u8; HANDLE_BYTES];
+            for (o, c) in out.iter_mut().zip(h.reserved) {
+                *o = c as u8;
+            }
+            Ok((local, out))
+        }
+        Err(e) => {
+            // SAFETY: freeing the allocation made above, used by nobody.
+            let _ = unsafe { cudarc::driver::result::free_sync(local) };
+            Err(e)
+        }
+    }
+}
+
+/// Maps a peer's allocation from its IPC handle (from [`ipc_alloc`] in the peer's process);
+/// close it with `cuIpcCloseMemHandle`.
+pub(crate) fn ipc_open(h: &[u8; HANDLE_BYTES]) -> Result<CUdeviceptr> {
+    let mut handle = CUipcMemHandle {
+        reserved: [0; HANDLE_BYTES],
+    };
+    for (d, s) in handle.reserved.iter_mut().zip(h) {
+        *d = *s as _;
+    }
+    let mut ptr: CUdeviceptr = 0;
+    // SAFETY: the handle came from cuIpcGetMemHandle in the peer's process, which keeps the
+    // allocation alive until after this process closed it (communicators are torn down
+    // together); `ptr` is a valid out-pointer.
+    cu("open IPC handle", unsafe {
+        sys::cuIpcOpenMemHandle_v2(
+            &mut ptr,
+            handle,
+            CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+        )
+    })?;
+    Ok(ptr)
+}
+
 /// One zeroed u32 of pinned host memory mapped into the device: (host, device) addresses.
-fn host_flag() -> Result<(*mut u32, CUdeviceptr)> {
+pub(crate) fn host_flag() -> Result<(*mut u32, CUdeviceptr)> {
     // SAFETY: allocates 4 bytes of pinned, device-mapped host memory and asks for its device
     // address; both pointers stay valid until `free_host`.
     unsafe {

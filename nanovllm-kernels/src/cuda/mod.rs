@@ -25,6 +25,7 @@
 //! bounds. Buffer lengths are checked on the host before every launch.
 
 mod attention;
+mod copy_ar;
 mod custom_ar;
 mod gemm;
 mod launch;
@@ -527,7 +528,7 @@ impl CudaBackend {
     }
 
     /// The raw device address of a buffer (for cuBLASLt, which takes plain pointers).
-    fn dptr<T: Elem>(&self, buf: &CudaBuf<T>) -> u64 {
+    pub(crate) fn dptr<T: Elem>(&self, buf: &CudaBuf<T>) -> u64 {
         let (p, _sync) = buf.data.device_ptr(&self.stream);
         p
     }

@@ -14,24 +14,118 @@
 //! residual add + RMSNorm ([`NcclComm::all_reduce_add_rms_norm`]) runs fused with it in one
 //! kernel of that file when it would take the one-shot path, and as the all-reduce followed by
 //! `add_rms_norm` otherwise; both give the same bits.
+//!
+//! A row-parallel product of prefill size ([`NcclComm::gemm_all_reduce`]) on two ranks is split
+//! into parts of rows: each part's product runs on the backend's stream, and its exchange with
+//! the peer on a second stream through the copy engines (`copy_ar.rs`), overlapping the next
+//! part's product; only the last part's exchange and the final add are left exposed.
+//! `NANOVLLM_AR_OVERLAP_ROWS` sets the rows per part (default [`OVERLAP_ROWS`]; 0 turns the
+//! overlap off: the product, then NCCL's all-reduce).
 
 use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUstreamCaptureStatus;
+use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::result;
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
+use super::copy_ar::CopyAllReduce;
 use super::custom_ar::CustomAllReduce;
 use super::{driver_err, CudaBackend, CudaBuf};
 use crate::backend::Backend;
 
 /// Bytes of an NCCL unique id.
 pub const NCCL_ID_BYTES: usize = 128;
+
+/// Rows per part of [`NcclComm::gemm_all_reduce`]'s overlap unless `NANOVLLM_AR_OVERLAP_ROWS`
+/// says otherwise: products of 2,048 rows keep cuBLASLt near its large-M efficiency, and a
+/// part's exchange (16 MiB at Qwen3-8B's width) is what stays exposed at the end.
+pub const OVERLAP_ROWS: usize = 2048;
+
+/// A count from environment variable `var`, `default` when unset or empty.
+fn env_count(var: &str, default: usize, what: &str) -> Result<usize> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Other(format!("{var}={v:?} is not a number of {what}"))),
+        _ => Ok(default),
+    }
+}
+
+/// The copy-engine all-reduce of [`Overlap`]: set up by the first call that needs it (every
+/// rank makes the same calls, so every rank sets it up at the same one), again when a larger
+/// message comes, and off for good when a rank could not set it up.
+enum CopyState {
+    Unset,
+    Ready(CopyAllReduce),
+    Off,
+}
+
+/// What [`NcclComm::gemm_all_reduce`] overlaps with: a second stream for the parts'
+/// all-reduces, and two events that order it against the backend's stream. Each is recorded
+/// again for every part; a wait queued on an event waits for the record before it, so one of
+/// each suffices.
+struct Overlap {
+    stream: Arc<CudaStream>,
+    /// Recorded on the backend's stream after a part's product; the side stream waits on it
+    /// before copying the part.
+    product_done: CudaEvent,
+    /// Recorded on the side stream after the last part's copy; the backend's stream waits on
+    /// it.
+    sums_done: CudaEvent,
+    /// Rows per part, at most ([`overlap_parts`]).
+    rows: usize,
+    copy: Mutex<CopyState>,
+}
+
+impl Overlap {
+    /// The overlap with parts of at most `rows` rows.
+    fn new(be: &CudaBackend, rows: usize) -> Result<Self> {
+        let ctx = be.ctx();
+        let (_, highest) = cudarc::driver::result::stream::get_priority_range()
+            .map_err(|e| driver_err("NCCL overlap: stream priorities", e))?;
+        let stream = ctx
+            .new_stream_with_priority(highest)
+            .map_err(|e| driver_err("NCCL overlap: stream", e))?;
+        let event = || {
+            ctx.new_event(None)
+                .map_err(|e| driver_err("NCCL overlap: event", e))
+        };
+        Ok(Overlap {
+            stream,
+            product_done: event()?,
+            sums_done: event()?,
+            rows,
+            copy: Mutex::new(CopyState::Unset),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, CopyState>> {
+        self.copy
+            .lock()
+            .map_err(|_| Error::Cuda("NCCL overlap: lock poisoned".into()))
+    }
+}
+
+/// The parts of `m` rows for parts of at most `rows` rows: `ceil(m / rows)` of them, of equal
+/// size but for the first `m % parts`, which take one row more. Every part then holds at least
+/// `rows / 2` rows (of `m > rows`), so for `rows` a power of two the parts' products fall in the
+/// `rows` bucket of the GEMM tuning (`rows / 2` for exactly half), which the start-up warm-up's
+/// prefills of `rows / 2` and `rows` tokens tune.
+fn overlap_parts(m: usize, rows: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let parts = m.div_ceil(rows.max(1)).max(1);
+    let (base, extra) = (m / parts, m % parts);
+    (0..parts).map(move |i| {
+        let start = i * base + i.min(extra);
+        start..start + base + usize::from(i < extra)
+    })
+}
 
 fn nccl_err(what: &str, e: result::NcclError) -> Error {
     Error::Cuda(format!("NCCL {what}: {:?}", e.0))
@@ -69,6 +163,8 @@ pub struct NcclComm {
     size: usize,
     /// The one-shot all-reduce, when every rank set it up.
     custom: Option<CustomAllReduce>,
+    /// The overlap of prefill products with their all-reduces; `None` when off.
+    overlap: Option<Overlap>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap;
@@ -113,10 +209,19 @@ impl NcclComm {
             rank,
             size,
             custom: None,
+            overlap: None,
         };
         let wanted = nanovllm_utils::env_switch("NANOVLLM_CUSTOM_ALLREDUCE", true);
         if wanted && size > 1 {
             nccl.custom = nccl.setup_custom(be)?;
+        }
+        let rows = env_count(
+            "NANOVLLM_AR_OVERLAP_ROWS",
+            OVERLAP_ROWS,
+            "rows (0: no overlap)",
+        )?;
+        if rows > 0 && size == 2 {
+            nccl.overlap = Some(Overlap::new(be, rows)?);
         }
         Ok(nccl)
     }
@@ -153,13 +258,18 @@ impl NcclComm {
     /// An error when a one-shot all-reduce gave up waiting for a peer (its results are wrong):
     /// cheap (a read of host memory), meant for after each step.
     pub fn check(&self) -> Result<()> {
-        match &self.custom {
-            Some(ar) if ar.timed_out() => Err(Error::Worker(
+        let custom = self.custom.as_ref().is_some_and(|ar| ar.timed_out());
+        let copy = self.overlap.as_ref().is_some_and(|o| {
+            o.lock()
+                .is_ok_and(|c| matches!(&*c, CopyState::Ready(ar) if ar.timed_out()))
+        });
+        if custom || copy {
+            return Err(Error::Worker(
                 "a peer GPU did not reach an all-reduce within 5 s (its process died or hangs)"
                     .into(),
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// Every rank's 64 bytes, by rank (synchronises the stream).
@@ -294,6 +404,156 @@ impl NcclComm {
             self.all_reduce_sum(x, len)?;
         }
         be.add_rms_norm(x, residual, weight, n, hidden, eps)
+    }
+
+    /// Whether [`Self::gemm_all_reduce`] overlaps at `m` rows of `n` outputs: when the
+    /// overlap is on (two ranks, its copy-engine all-reduce not given up), the rows make at
+    /// least two parts (`m` above the rows per part), and the one-shot kernel would not take
+    /// the message (a decode step's all-reduce is cheapest fused with the norm that follows).
+    pub fn overlaps_gemm_all_reduce(&self, m: usize, n: usize) -> bool {
+        let Some(overlap) = &self.overlap else {
+            return false;
+        };
+        let one_shot = self
+            .custom
+            .as_ref()
+            .is_some_and(|ar| m.saturating_mul(n) <= ar.capacity());
+        let off = overlap
+            .lock()
+            .map_or(true, |c| matches!(*c, CopyState::Off));
+        m > overlap.rows && !one_shot && !off
+    }
+
+    /// `out[m, n] = sum over ranks of x[m, k] . w[n, k]^T` (the product rounded to bf16, then
+    /// summed as [`Self::all_reduce_sum`] sums: the same bits). Where
+    /// [`Self::overlaps_gemm_all_reduce`] and the stream is not being captured, the rows are
+    /// split into parts: each part's product on the backend's stream, its copy to the peer on
+    /// the overlap stream once the product is done, and at the end the add of the peer's
+    /// parts on the backend's stream (see `copy_ar.rs`). Otherwise the product and the
+    /// all-reduce run in a row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_all_reduce(
+        &self,
+        be: &CudaBackend,
+        x: &CudaBuf<bf16>,
+        w: &CudaBuf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut CudaBuf<bf16>,
+    ) -> Result<()> {
+        const OP: &str = "nccl gemm_all_reduce";
+        let len = super::ops::numel(OP, "out", m, n)?;
+        let capturing = be
+            .stream()
+            .capture_status()
+            .map_err(|e| driver_err("gemm_all_reduce: capture status", e))?
+            != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let overlap = match &self.overlap {
+            Some(o) if k > 0 && !capturing && self.overlaps_gemm_all_reduce(m, n) => o,
+            _ => {
+                be.gemm(x, w, m, n, k, out)?;
+                return self.all_reduce_sum(out, len);
+            }
+        };
+        super::check_len(OP, "x", x, super::ops::numel(OP, "x", m, k)?)?;
+        super::check_len(OP, "w", w, super::ops::numel(OP, "w", n, k)?)?;
+        super::check_len(OP, "out", out, len)?;
+        let mut state = overlap.lock()?;
+        let Some(copy) = self.copy_for(be, overlap, &mut state, len)? else {
+            drop(state);
+            be.gemm(x, w, m, n, k, out)?;
+            return self.all_reduce_sum(out, len);
+        };
+        let elem = std::mem::size_of::<bf16>();
+        let (px, pw, po) = (be.dptr(x), be.dptr(w), be.dptr(out));
+        let (main, side) = (be.stream(), &overlap.stream);
+        let ev = |what: &str, e| driver_err(&format!("{OP}: {what}"), e);
+        let (call, buf) = copy.begin();
+        for rows in overlap_parts(m, overlap.rows) {
+            let at_x = (rows.start * k * elem) as u64;
+            let at_out = (rows.start * n * elem) as u64;
+            super::gemm::gemm(be, px + at_x, pw, po + at_out, rows.len(), n, k)?;
+            overlap
+                .product_done
+                .record(main)
+                .map_err(|e| ev("record", e))?;
+            side.wait(&overlap.product_done)
+                .map_err(|e| ev("wait", e))?;
+            // SAFETY: rows `rows` of `out` (inside it: its length was checked above) are
+            // complete on the side stream (the event above), and the backend's stream writes
+            // them again only after the wait below; they land at the same offset of a receive
+            // buffer of `copy`, which holds `len` elements (`copy_for`).
+            unsafe { copy.send(side, po + at_out, buf, at_out, rows.len() * n * elem) }?;
+        }
+        copy.signal(side, call)?;
+        overlap
+            .sums_done
+            .record(side)
+            .map_err(|e| ev("record", e))?;
+        main.wait(&overlap.sums_done).map_err(|e| ev("wait", e))?;
+        copy.reduce(be, out, len, call, buf)
+    }
+
+    /// The copy-engine all-reduce for messages of `len` elements: the one set up, or a new one
+    /// when there is none yet or its buffers are smaller (every rank gets here at the same
+    /// call, so the collectives of the set-up match); `None` when a rank could not set it up,
+    /// for good. Synchronises both streams before replacing buffers.
+    fn copy_for<'a>(
+        &self,
+        be: &CudaBackend,
+        overlap: &Overlap,
+        state: &'a mut CopyState,
+        len: usize,
+    ) -> Result<Option<&'a CopyAllReduce>> {
+        let usable = match &*state {
+            CopyState::Ready(c) => c.capacity() >= len,
+            CopyState::Off => return Ok(None),
+            CopyState::Unset => false,
+        };
+        if !usable {
+            be.synchronize()?;
+            overlap
+                .stream
+                .synchronize()
+                .map_err(|e| driver_err("NCCL overlap: synchronize", e))?;
+            if let CopyState::Ready(old) = state {
+                old.close_peer();
+                // Every rank closes its mapping of the others' buffers before any frees its own.
+                self.all_reduce_min(1)?;
+            }
+            *state = CopyState::Unset;
+            *state = self.setup_copy(be, len.next_multiple_of(8))?;
+        }
+        Ok(match &*state {
+            CopyState::Ready(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// Sets up the copy-engine all-reduce with receive buffers of `cap` elements on every rank
+    /// or on none, as [`Self::setup_custom`] sets up the one-shot kernel.
+    fn setup_copy(&self, be: &CudaBackend, cap: usize) -> Result<CopyState> {
+        let allocated = CopyAllReduce::allocate(cap);
+        let mine = allocated.as_ref().map(|(_, h)| *h).unwrap_or([0; 64]);
+        let handles = self.all_gather_64(&mine)?;
+        let all_allocated = self.all_reduce_min(allocated.is_ok() as u64)? == 1;
+        let connected = match allocated {
+            Ok((local, _)) if all_allocated => {
+                CopyAllReduce::connect(be, local, cap, &handles[1 - self.rank]).ok()
+            }
+            Ok((local, _)) => {
+                // SAFETY: our own allocation from `allocate`, used by nobody.
+                let _ = unsafe { cudarc::driver::result::free_sync(local) };
+                None
+            }
+            Err(_) => None,
+        };
+        let everyone = self.all_reduce_min(connected.is_some() as u64)? == 1;
+        Ok(match connected {
+            Some(c) if everyone => CopyState::Ready(c),
+            _ => CopyState::Off,
+        })
     }
 
     /// Gathers `part[..len]` of every rank into rank 0's `full`, rank `r`'s at
@@ -443,11 +703,51 @@ impl Drop for NcclComm {
             Err(poisoned) => poisoned.into_inner().take(),
         };
         if let Some(comm) = comm {
-            // Work queued on the stream may still use the communicator or the shared buffers.
+            // Work queued on the streams may still use the communicator or the shared buffers.
             let _ = self.stream.synchronize();
+            if let Some(overlap) = &self.overlap {
+                let _ = overlap.stream.synchronize();
+            }
             self.custom = None;
             // SAFETY: the handle is live (not aborted) and no other reference to it remains.
             let _ = unsafe { result::comm_destroy(comm) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlap_parts;
+
+    #[test]
+    fn overlap_parts_cover_the_rows_once_in_near_equal_parts() {
+        for (m, rows) in [
+            (4096, 2048),
+            (5000, 2048),
+            (16_384, 2048),
+            (2049, 2048),
+            (7, 3),
+            (2, 5),
+        ] {
+            let parts: Vec<_> = overlap_parts(m, rows).collect();
+            assert_eq!(parts.len(), m.div_ceil(rows), "m {m} rows {rows}");
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts.last().unwrap().end, m);
+            for pair in parts.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+            }
+            let (lo, hi) = (m / parts.len(), m.div_ceil(parts.len()));
+            assert!(
+                parts.iter().all(|p| (lo..=hi).contains(&p.len())),
+                "{parts:?}"
+            );
+            assert!(parts
+                .iter()
+                .all(|p| p.len() <= rows && 2 * p.len() >= rows.min(m)));
+        }
+        assert_eq!(
+            overlap_parts(5000, 2048).collect::<Vec<_>>(),
+            [0..1667, 1667..3334, 3334..5000]
+        );
     }
 }
