@@ -204,6 +204,12 @@ fn time_eager(be: &CudaBackend, f: &mut dyn FnMut() -> Result<()>) -> Result<f64
         f()?;
     }
     be.synchronize()?;
+    median(be, 1, f)
+}
+
+/// Median over `REPLAYS` runs of `run`, timed between CUDA events, of the seconds per call when
+/// each run makes `calls` calls.
+fn median(be: &CudaBackend, calls: usize, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let err = |e| Error::Cuda(format!("ar_bench events: {e:?}"));
     let ctx = be.ctx();
     let mut times = Vec::with_capacity(REPLAYS);
@@ -215,10 +221,10 @@ fn time_eager(be: &CudaBackend, f: &mut dyn FnMut() -> Result<()>) -> Result<f64
             .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(err)?;
         a.record(be.stream()).map_err(err)?;
-        f()?;
+        run()?;
         b.record(be.stream()).map_err(err)?;
         b.synchronize().map_err(err)?;
-        times.push(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3);
+        times.push(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3 / calls as f64);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[REPLAYS / 2])
@@ -291,22 +297,5 @@ fn time(be: &CudaBackend, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let graph = be.capture(|| (0..CALLS).try_for_each(|_| f()))?;
     graph.replay()?;
     be.synchronize()?;
-    let err = |e| Error::Cuda(format!("ar_bench events: {e:?}"));
-    let ctx = be.ctx();
-    let mut times = Vec::with_capacity(REPLAYS);
-    for _ in 0..REPLAYS {
-        let a = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        let b = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        a.record(be.stream()).map_err(err)?;
-        graph.replay()?;
-        b.record(be.stream()).map_err(err)?;
-        b.synchronize().map_err(err)?;
-        times.push(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3 / CALLS as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[REPLAYS / 2])
+    median(be, CALLS, &mut || graph.replay())
 }

@@ -67,10 +67,10 @@ enum CopyState {
     Off,
 }
 
-/// What [`NcclComm::gemm_all_reduce`] overlaps with: a second stream for the parts'
-/// all-reduces, and two events that order it against the backend's stream. Each is recorded
-/// again for every part; a wait queued on an event waits for the record before it, so one of
-/// each suffices.
+/// What [`NcclComm::gemm_all_reduce`] overlaps with: a second stream for the parts' copies to
+/// the peer (and the write of its flag), two events that order it against the backend's
+/// stream, and the copy-engine all-reduce. Each event is recorded again for every part or
+/// call; a wait queued on an event waits for the record before it, so one of each suffices.
 struct Overlap {
     stream: Arc<CudaStream>,
     /// Recorded on the backend's stream after a part's product; the side stream waits on it
