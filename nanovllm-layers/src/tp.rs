@@ -3,7 +3,10 @@
 //! vocab-parallel embedding; gather of the LM head's vocab slices to rank 0), plus the
 //! all-reduce fused with the residual add + RMSNorm that follows a row-parallel linear in every
 //! decoder layer ([`TpComm::all_reduce_add_rms_norm`]: by default the two ops in a row; NCCL's
-//! group runs both in one kernel where it can).
+//! group runs both in one kernel where it can), and a row-parallel product summed over the
+//! ranks in one call ([`TpComm::gemm_all_reduce`]: by default the product, then the
+//! all-reduce; NCCL's group of two sends parts of the rows to the peer while the next part's
+//! product runs, for prefill-sized steps).
 //!
 //! Layers hold an `Arc<dyn TpComm<B>>` and only call a collective when `size() > 1`, so a
 //! single-GPU run pays nothing. [`SingleRank`] is the group of one; [`ThreadComm`] is a group
