@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::sys::CUstreamCaptureStatus;
+use cudarc::driver::sys::{CUdeviceptr, CUstreamCaptureStatus};
 use cudarc::driver::{CudaEvent, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::result;
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
@@ -226,19 +226,29 @@ impl NcclComm {
         Ok(nccl)
     }
 
-    /// Sets up the one-shot all-reduce on every rank or on none: each rank shares an
-    /// allocation, the IPC handles are exchanged through NCCL, and the ranks agree (a min over
-    /// "it worked") before anyone uses it. Every rank makes the same collective calls whatever
-    /// fails locally.
+    /// Sets up the one-shot all-reduce on every rank or on none (see [`Self::share_ipc`]).
     fn setup_custom(&self, be: &CudaBackend) -> Result<Option<CustomAllReduce>> {
-        let allocated = CustomAllReduce::allocate(be, self.size);
+        self.share_ipc(
+            CustomAllReduce::allocate(be, self.size),
+            |local, handles| CustomAllReduce::connect(be, local, handles, self.rank),
+        )
+    }
+
+    /// Shares an IPC allocation on every rank or on none: each rank's `allocated` (its
+    /// allocation and IPC handle) is exchanged through NCCL, `connect` opens the peers' from
+    /// every rank's handle, and the ranks agree (a min over "it worked") before anyone uses it.
+    /// Every rank makes the same collective calls whatever fails locally; a rank that cannot
+    /// connect because another failed frees its allocation.
+    fn share_ipc<T>(
+        &self,
+        allocated: Result<(CUdeviceptr, [u8; 64])>,
+        connect: impl FnOnce(CUdeviceptr, &[[u8; 64]]) -> Result<T>,
+    ) -> Result<Option<T>> {
         let mine = allocated.as_ref().map(|(_, h)| *h).unwrap_or([0; 64]);
         let handles = self.all_gather_64(&mine)?;
         let all_allocated = self.all_reduce_min(allocated.is_ok() as u64)? == 1;
         let connected = match allocated {
-            Ok((local, _)) if all_allocated => {
-                CustomAllReduce::connect(be, local, &handles, self.rank).ok()
-            }
+            Ok((local, _)) if all_allocated => connect(local, &handles).ok(),
             Ok((local, _)) => {
                 // SAFETY: our own allocation from `allocate`, used by nobody.
                 let _ = unsafe { cudarc::driver::result::free_sync(local) };
@@ -522,6 +532,7 @@ impl NcclComm {
                 // Every rank closes its mapping of the others' buffers before any frees its own.
                 self.all_reduce_min(1)?;
             }
+            // The old buffers go (freed) before the new ones are allocated.
             *state = CopyState::Unset;
             *state = self.setup_copy(be, len.next_multiple_of(8))?;
         }
@@ -532,28 +543,12 @@ impl NcclComm {
     }
 
     /// Sets up the copy-engine all-reduce with receive buffers of `cap` elements on every rank
-    /// or on none, as [`Self::setup_custom`] sets up the one-shot kernel.
+    /// or on none (see [`Self::share_ipc`]).
     fn setup_copy(&self, be: &CudaBackend, cap: usize) -> Result<CopyState> {
-        let allocated = CopyAllReduce::allocate(cap);
-        let mine = allocated.as_ref().map(|(_, h)| *h).unwrap_or([0; 64]);
-        let handles = self.all_gather_64(&mine)?;
-        let all_allocated = self.all_reduce_min(allocated.is_ok() as u64)? == 1;
-        let connected = match allocated {
-            Ok((local, _)) if all_allocated => {
-                CopyAllReduce::connect(be, local, cap, &handles[1 - self.rank]).ok()
-            }
-            Ok((local, _)) => {
-                // SAFETY: our own allocation from `allocate`, used by nobody.
-                let _ = unsafe { cudarc::driver::result::free_sync(local) };
-                None
-            }
-            Err(_) => None,
-        };
-        let everyone = self.all_reduce_min(connected.is_some() as u64)? == 1;
-        Ok(match connected {
-            Some(c) if everyone => CopyState::Ready(c),
-            _ => CopyState::Off,
-        })
+        let shared = self.share_ipc(CopyAllReduce::allocate(cap), |local, handles| {
+            CopyAllReduce::connect(be, local, cap, &handles[1 - self.rank])
+        })?;
+        Ok(shared.map_or(CopyState::Off, CopyState::Ready))
     }
 
     /// Gathers `part[..len]` of every rank into rank 0's `full`, rank `r`'s at
