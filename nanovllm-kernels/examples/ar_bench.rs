@@ -24,7 +24,6 @@
 
 use std::process::{Child, Command};
 
-use cudarc::driver::sys::CUevent_flags;
 use nanovllm_kernels::cuda::{device_count, nccl_unique_id, CudaBackend, NcclComm, NCCL_ID_BYTES};
 use nanovllm_kernels::{bf16, Backend};
 use nanovllm_utils::{Error, Result};
@@ -210,21 +209,9 @@ fn time_eager(be: &CudaBackend, f: &mut dyn FnMut() -> Result<()>) -> Result<f64
 /// Median over `REPLAYS` runs of `run`, timed between CUDA events, of the seconds per call when
 /// each run makes `calls` calls.
 fn median(be: &CudaBackend, calls: usize, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-    let err = |e| Error::Cuda(format!("ar_bench events: {e:?}"));
-    let ctx = be.ctx();
     let mut times = Vec::with_capacity(REPLAYS);
     for _ in 0..REPLAYS {
-        let a = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        let b = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        a.record(be.stream()).map_err(err)?;
-        run()?;
-        b.record(be.stream()).map_err(err)?;
-        b.synchronize().map_err(err)?;
-        times.push(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3 / calls as f64);
+        times.push(be.time(run)? / calls as f64);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[REPLAYS / 2])

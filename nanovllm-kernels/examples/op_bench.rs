@@ -25,7 +25,6 @@
 
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
 use nanovllm_kernels::cuda::{CudaBackend, CudaBuf, GemmPolicy, GemmTuning, SKINNY_LIMIT};
 use nanovllm_kernels::{bf16, AttnParams, Backend, SamplingBufs};
 use nanovllm_utils::{Error, Result};
@@ -81,19 +80,7 @@ struct Bench<'g> {
 impl Bench<'_> {
     /// Seconds between two events around `f`.
     fn events<F: FnMut() -> Result<()>>(&self, mut f: F) -> Result<f64> {
-        let ctx = self.gpu.ctx();
-        let err = |e| Error::Cuda(format!("op_bench events: {e:?}"));
-        let a = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        let b = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err)?;
-        a.record(self.gpu.stream()).map_err(err)?;
-        f()?;
-        b.record(self.gpu.stream()).map_err(err)?;
-        b.synchronize().map_err(err)?;
-        Ok(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3)
+        self.gpu.time(&mut f)
     }
 
     /// Median seconds per call of `f(i)` (i = the call's rotation index).

@@ -371,6 +371,24 @@ impl CudaBackend {
         &self.stream
     }
 
+    /// Seconds the device takes for the work `f` queues on the stream, between two events
+    /// recorded around it (waits for that work; for benchmarks).
+    pub fn time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        let err =
+            |what: &'static str| move |e| driver_err(&format!("cuda: timing events: {what}"), e);
+        let new = || {
+            self.ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(err("create"))
+        };
+        let (start, end) = (new()?, new()?);
+        start.record(&self.stream).map_err(err("record"))?;
+        f()?;
+        end.record(&self.stream).map_err(err("record"))?;
+        end.synchronize().map_err(err("wait"))?;
+        Ok(f64::from(start.elapsed_ms(&end).map_err(err("elapsed"))?) * 1e-3)
+    }
+
     /// Number of streaming multiprocessors (132 on an H100 SXM).
     pub(crate) fn num_sms(&self) -> usize {
         self.num_sms
