@@ -59,9 +59,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "flag.cuh"
 #include "pdl.cuh"
 
-#define AR_TIMEOUT_NS 5000000000ull
 // ar_add_rms_norm: 16-byte vectors per thread and row of add_rms_norm (VPT in norm.cu); its
 // threads per block; vectors per thread and chunk; 16-byte vectors of a chunk (so rows of
 // hidden <= 8 * AR_CHUNK).
@@ -69,12 +69,6 @@
 #define AR_THREADS 512
 #define AR_K 2
 #define AR_CHUNK (AR_K * AR_THREADS)
-
-__device__ __forceinline__ uint64_t global_ns() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
 
 // Step 1's counter: this block's epoch for this call (the same in every thread).
 __device__ __forceinline__ uint32_t next_epoch(uint32_t* epochs) {
@@ -434,30 +428,15 @@ extern "C" __global__ void __launch_bounds__(AR_THREADS)
 // (src/cuda/copy_ar.rs), which prefill's row-parallel products use so that the exchange of one
 // part of the rows overlaps the product of the next without taking SMs from it. The peer's
 // copy engine has written its partial sums into `recv` and then, behind a memory barrier,
-// `epoch` into `*flag` (a stream write of the peer's stream). Thread 0 of each block waits
-// until the flag reaches `epoch` (giving up after AR_TIMEOUT_NS, as take() does, when the peer
-// died), then the block adds: data = bf16(f32(data) + f32(recv)), over 16-byte vectors when
-// n % 8 == 0. Two f32 values sum to the same bits in either order, so both ranks end with the
+// `epoch` into `*flag` (a stream write of the peer's stream). Each block waits until the flag
+// reaches `epoch` (wait_peer_flag in flag.cuh), then adds: data = bf16(f32(data) + f32(recv)),
+// over 16-byte vectors when n % 8 == 0. Two f32 values sum to the same bits in either order, so both ranks end with the
 // same sum, the one NCCL's two-rank all-reduce gives.
 extern "C" __global__ void ar_copy_reduce(__nv_bfloat16* __restrict__ data, const __nv_bfloat16* __restrict__ recv,
                                           long long n, const uint32_t* flag, uint32_t epoch, uint32_t* stuck,
                                           volatile uint32_t* timed_out) {
     pdl_begin();
-    if (threadIdx.x == 0) {
-        const uint64_t start = global_ns();
-        while (*((volatile uint32_t*)stuck) == 0) {
-            uint32_t f;
-            asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(f) : "l"(flag) : "memory");
-            if ((int32_t)(f - epoch) >= 0) break;
-            if (global_ns() - start > AR_TIMEOUT_NS) {
-                *((volatile uint32_t*)stuck) = 1u;
-                *timed_out = 1u;
-                __threadfence_system();
-                break;
-            }
-        }
-    }
-    __syncthreads();
+    wait_peer_flag(flag, epoch, stuck, timed_out);
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if ((n & 7) == 0) {

@@ -16,7 +16,16 @@
 // Numerics (the CPU reference's): statistics in f32 over the bf16 inputs;
 // out = bf16(bf16(x * rsqrt(mean(x^2) + eps)) * weight); for the fused op the residual sum is
 // rounded to bf16 first and the statistics are taken over the rounded sum.
+//
+// add_rms_norm_recv is add_rms_norm after the receiving end of the copy-engine all-reduce
+// (custom_ar.cu's ar_copy_reduce), in one kernel: x holds this rank's partial sums and `recv`
+// the peer's, which its copy engine wrote before raising `*flag` to `epoch`; each block waits
+// for the flag (flag.cuh), takes x = bf16(x + recv) as ar_copy_reduce computes it (f32 add and
+// rounding without flush-to-zero: that file is compiled without fast math, so the instructions
+// are spelled out here), and goes on as add_rms_norm. The results are bit for bit those of the
+// two kernels, with one read and one write of the rows fewer.
 #include "common.cuh"
+#include "flag.cuh"
 
 #define VPT 4
 
@@ -97,18 +106,50 @@ extern "C" __global__ void rms_norm(const bf16* __restrict__ x, const bf16* __re
     }
 }
 
-// residual = bf16(x + residual); x = rms_norm(residual), both in place.
-extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__ residual,
-                                        const bf16* __restrict__ w, int hidden, float eps) {
+// The two-rank sum ar_copy_reduce writes for 8 bf16 pairs: bf16(f32(a) + f32(b)), with an
+// add and a rounding that do not flush subnormals (this file is compiled with fast math).
+__device__ __forceinline__ uint4 sum8_exact(const uint4& a, const uint4& b) {
+    float x[8], y[8];
+    unpack8(a, x);
+    unpack8(b, y);
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        float lo, hi;
+        asm("add.rn.f32 %0, %1, %2;" : "=f"(lo) : "f"(x[2 * k]), "f"(y[2 * k]));
+        asm("add.rn.f32 %0, %1, %2;" : "=f"(hi) : "f"(x[2 * k + 1]), "f"(y[2 * k + 1]));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[k]) : "f"(hi), "f"(lo));
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ bf16 sum1_exact(bf16 a, bf16 b) {
+    float s;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(s) : "f"(bf16_to_f32(a)), "f"(bf16_to_f32(b)));
+    uint16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(s));
+    return __ushort_as_bfloat16(h);
+}
+
+// residual = bf16(x + residual); x = rms_norm(residual), both in place; with RECV, x is first
+// replaced by bf16(x + recv) (see add_rms_norm_recv at the top).
+template <bool RECV>
+__device__ __forceinline__ void add_rms_norm_row(bf16* __restrict__ x, bf16* __restrict__ residual,
+                                                 const bf16* __restrict__ w, int hidden, float eps,
+                                                 const bf16* __restrict__ recv, const uint32_t* flag,
+                                                 uint32_t epoch, uint32_t* stuck,
+                                                 volatile uint32_t* timed_out) {
     pdl_launch_dependents();
     __shared__ float scratch[32];
     bf16* xr = x + (size_t)blockIdx.x * hidden;
     bf16* rr = residual + (size_t)blockIdx.x * hidden;
+    const bf16* pr = RECV ? recv + (size_t)blockIdx.x * hidden : nullptr;
     if (vector_path(hidden)) {
         const int nvec = hidden >> 3;
         uint4 v[VPT], r[VPT], wv[VPT];
         load_weight(w, nvec, wv);
         pdl_wait();
+        if (RECV) wait_peer_flag(flag, epoch, stuck, timed_out);
         float ss = 0.f;
 #pragma unroll
         for (int j = 0; j < VPT; ++j) {
@@ -116,6 +157,7 @@ extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__
             if (i < nvec) {
                 v[j] = ld16_stream(xr + (size_t)i * 8);
                 r[j] = ld16_stream(rr + (size_t)i * 8);
+                if (RECV) v[j] = sum8_exact(v[j], __ldcg(reinterpret_cast<const uint4*>(pr) + i));
             }
         }
 #pragma unroll
@@ -137,9 +179,11 @@ extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__
         scale_store(v, ss, wv, xr, hidden, eps, scratch);
     } else {
         pdl_wait();
+        if (RECV) wait_peer_flag(flag, epoch, stuck, timed_out);
         float ss = 0.f;
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-            const float s = round_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(rr[i]));
+            const bf16 xi = RECV ? sum1_exact(xr[i], __ldcg(pr + i)) : xr[i];
+            const float s = round_bf16(bf16_to_f32(xi) + bf16_to_f32(rr[i]));
             rr[i] = __float2bfloat16_rn(s);
             ss += s * s;
         }
@@ -148,4 +192,18 @@ extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__
         for (int i = threadIdx.x; i < hidden; i += blockDim.x)
             xr[i] = __float2bfloat16_rn(round_bf16(bf16_to_f32(rr[i]) * inv) * bf16_to_f32(w[i]));
     }
+}
+
+extern "C" __global__ void add_rms_norm(bf16* __restrict__ x, bf16* __restrict__ residual,
+                                        const bf16* __restrict__ w, int hidden, float eps) {
+    add_rms_norm_row<false>(x, residual, w, hidden, eps, nullptr, nullptr, 0u, nullptr, nullptr);
+}
+
+// recv: [rows, hidden] like x; flag, epoch, stuck, timed_out: as ar_copy_reduce's.
+extern "C" __global__ void add_rms_norm_recv(bf16* __restrict__ x, bf16* __restrict__ residual,
+                                             const bf16* __restrict__ w, int hidden, float eps,
+                                             const bf16* __restrict__ recv, const uint32_t* flag,
+                                             uint32_t epoch, uint32_t* stuck,
+                                             volatile uint32_t* timed_out) {
+    add_rms_norm_row<true>(x, residual, w, hidden, eps, recv, flag, epoch, stuck, timed_out);
 }

@@ -67,7 +67,10 @@ impl<B: Backend> RMSNorm<B> {
     /// [`RowParallelOutput::Partial`], this rank's partial sums, which are all-reduced, added
     /// to `residual` and normalised as `all_reduce_sum` followed by `add_forward` would (same
     /// bits), through [`TpComm::all_reduce_add_rms_norm`]; for [`RowParallelOutput::Summed`],
-    /// the sum already, so this is `add_forward`. With one rank it is `add_forward`.
+    /// the sum already, so this is `add_forward`; for [`RowParallelOutput::Received`], this
+    /// rank's term with the rest of the sum under way, which
+    /// [`TpComm::finish_all_reduce_add_rms_norm`] ends (same bits again). With one rank it is
+    /// `add_forward`.
     pub fn reduce_add_forward(
         &self,
         be: &B,
@@ -80,6 +83,15 @@ impl<B: Backend> RMSNorm<B> {
         match produced {
             RowParallelOutput::Summed => self.add_forward(be, x, residual, n),
             RowParallelOutput::Partial => comm.all_reduce_add_rms_norm(
+                be,
+                x,
+                residual,
+                &self.weight,
+                n,
+                self.hidden_size,
+                self.eps,
+            ),
+            RowParallelOutput::Received => comm.finish_all_reduce_add_rms_norm(
                 be,
                 x,
                 residual,

@@ -371,6 +371,10 @@ pub enum RowParallelOutput {
     Partial,
     /// The sum over the ranks, on every rank.
     Summed,
+    /// This rank's term, with the rest of the sum under way in the communicator
+    /// ([`TpComm::gemm_all_reduce_for_norm`]): the norm that follows must finish it
+    /// ([`TpComm::finish_all_reduce_add_rms_norm`]) before any other collective.
+    Received,
 }
 
 /// A linear layer split along its inputs: this rank multiplies its `input_size / tp` slice of
@@ -457,8 +461,7 @@ impl<B: Backend> RowParallelLinear<B> {
         out: &mut B::Buf<bf16>,
     ) -> Result<RowParallelOutput> {
         if self.sums_in_gemm(n) {
-            self.forward(be, x, n, out)?;
-            return Ok(RowParallelOutput::Summed);
+            return self.sum_for_norm(be, x, n, out);
         }
         self.forward_partial(be, x, n, out)?;
         Ok(RowParallelOutput::Partial)
@@ -477,11 +480,36 @@ impl<B: Backend> RowParallelLinear<B> {
     ) -> Result<RowParallelOutput> {
         if self.sums_in_gemm(n) {
             be.silu_and_mul(gate_up, n, self.input_size_per_partition, act)?;
-            self.forward(be, act, n, out)?;
-            return Ok(RowParallelOutput::Summed);
+            return self.sum_for_norm(be, act, n, out);
         }
         self.forward_partial_silu(be, gate_up, n, act, out)?;
         Ok(RowParallelOutput::Partial)
+    }
+
+    /// The product summed over the ranks for a norm that follows
+    /// ([`TpComm::gemm_all_reduce_for_norm`]): [`RowParallelOutput::Summed`], or
+    /// [`RowParallelOutput::Received`] where the communicator left the end of the sum to the
+    /// norm.
+    fn sum_for_norm(
+        &self,
+        be: &B,
+        x: &B::Buf<bf16>,
+        n: usize,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<RowParallelOutput> {
+        let open = self.comm.gemm_all_reduce_for_norm(
+            be,
+            x,
+            &self.weight,
+            n,
+            self.output_size,
+            self.input_size_per_partition,
+            out,
+        )?;
+        Ok(match open {
+            true => RowParallelOutput::Received,
+            false => RowParallelOutput::Summed,
+        })
     }
 
     /// This rank's term of [`Self::forward`] without the all-reduce:
@@ -762,8 +790,10 @@ mod tests {
         assert_eq!(per_rank[0].2, per_rank[1].2);
     }
 
-    /// `forward_for_norm` leaves this rank's term for few rows and the sum from the group's
-    /// threshold on (and says which), the silu form likewise; with one rank, the product.
+    /// `forward_for_norm` leaves this rank's term for few rows, and from the group's threshold
+    /// on this rank's term with the sum left open, which the finish turns into the sum's
+    /// residual add + RMSNorm (and says which), the silu form likewise; with one rank, the
+    /// product.
     #[test]
     fn forward_for_norm_sums_where_the_group_overlaps() {
         let be = CpuBackend::new();
@@ -784,18 +814,49 @@ mod tests {
                 dp.forward_partial(&be, &act, n, &mut part).unwrap();
                 let mut sum = part.clone();
                 comm.all_reduce_sum(&be, &mut sum, n * hidden).unwrap();
-                let (want, kind) = match n >= 4 {
-                    true => (&sum, RowParallelOutput::Summed),
-                    false => (&part, RowParallelOutput::Partial),
+                let kind = match n >= 4 {
+                    true => RowParallelOutput::Received,
+                    false => RowParallelOutput::Partial,
+                };
+                // What the norm makes of the sum: residual + RMSNorm of it.
+                let norm_w = CpuBuf::from_vec(rand_bf16(hidden, 15));
+                let res0 = rand_bf16(n * hidden, 16);
+                let (mut want_x, mut want_r) = (sum.clone(), CpuBuf::from_vec(res0.clone()));
+                be.add_rms_norm(&mut want_x, &mut want_r, &norm_w, n, hidden, 1e-6)
+                    .unwrap();
+                let finish = |y: &mut CpuBuf<bf16>, kind: RowParallelOutput| {
+                    let mut r = CpuBuf::from_vec(res0.clone());
+                    match kind {
+                        RowParallelOutput::Received => comm
+                            .finish_all_reduce_add_rms_norm(
+                                &be, y, &mut r, &norm_w, n, hidden, 1e-6,
+                            )
+                            .unwrap(),
+                        _ => comm
+                            .all_reduce_add_rms_norm(&be, y, &mut r, &norm_w, n, hidden, 1e-6)
+                            .unwrap(),
+                    }
+                    (y.as_slice().to_vec(), r.into_vec())
                 };
                 let mut y = be.zeros::<bf16>(n * hidden).unwrap();
                 assert_eq!(dp.forward_for_norm(&be, &act, n, &mut y).unwrap(), kind);
-                assert_eq!(y.as_slice(), want.as_slice(), "n = {n}");
+                assert_eq!(y.as_slice(), part.as_slice(), "n = {n}");
+                let (x1, r1) = finish(&mut y, kind);
+                assert_eq!(x1, want_x.as_slice(), "n = {n}");
+                assert_eq!(r1, want_r.as_slice(), "n = {n}");
                 let mut act2 = be.zeros::<bf16>(n * half).unwrap();
                 let mut y2 = be.zeros::<bf16>(n * hidden).unwrap();
                 let got = dp.forward_silu_for_norm(&be, &gate_up, n, &mut act2, &mut y2);
                 assert_eq!(got.unwrap(), kind);
-                assert_eq!(y2.as_slice(), want.as_slice(), "silu, n = {n}");
+                assert_eq!(y2.as_slice(), part.as_slice(), "silu, n = {n}");
+                let (x2, r2) = finish(&mut y2, kind);
+                assert_eq!(x2, want_x.as_slice(), "silu, n = {n}");
+                assert_eq!(r2, want_r.as_slice(), "silu, n = {n}");
+                // Nothing is left open after a finish.
+                let mut r = CpuBuf::from_vec(res0.clone());
+                let again = comm
+                    .finish_all_reduce_add_rms_norm(&be, &mut y2, &mut r, &norm_w, n, hidden, 1e-6);
+                assert!(again.is_err(), "n = {n}");
                 sum.into_vec()
             });
             assert_eq!(per_rank[0], per_rank[1]);

@@ -96,6 +96,45 @@ pub trait TpComm<B: Backend>: Send + Sync {
         }
         Ok(())
     }
+    /// [`TpComm::gemm_all_reduce`] for a residual add + RMSNorm that follows: it may stop
+    /// short of the sum and leave its last step to [`TpComm::finish_all_reduce_add_rms_norm`]
+    /// (answer `true`: `out` holds this rank's product, and the finish on `out` must be the
+    /// group's next call), which does it in the norm's kernel. `false`: `out` holds the sum.
+    /// The default is [`TpComm::gemm_all_reduce`] (`false`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_all_reduce_for_norm(
+        &self,
+        be: &B,
+        x: &B::Buf<bf16>,
+        w: &B::Buf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut B::Buf<bf16>,
+    ) -> Result<bool> {
+        self.gemm_all_reduce(be, x, w, m, n, k, out)?;
+        Ok(false)
+    }
+    /// Ends the sum [`TpComm::gemm_all_reduce_for_norm`] left open in `x` (`n` rows of
+    /// `hidden`) and runs the residual add + RMSNorm of [`Backend::add_rms_norm`] on it: the
+    /// bits of the sum followed by `add_rms_norm`. The default leaves nothing open, so here
+    /// it has nothing to finish: an error.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_all_reduce_add_rms_norm(
+        &self,
+        be: &B,
+        x: &mut B::Buf<bf16>,
+        residual: &mut B::Buf<bf16>,
+        weight: &B::Buf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let _ = (be, x, residual, weight, n, hidden, eps);
+        Err(Error::Other(
+            "TpComm::finish_all_reduce_add_rms_norm: no sum was left open".into(),
+        ))
+    }
     /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
     /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
     /// elements land at `full[r * stride..r * stride + len]` (`len <= stride`). With a fixed
@@ -188,6 +227,8 @@ pub struct ThreadComm {
     group: Arc<Group>,
     /// Rows from which [`TpComm::overlaps_gemm_all_reduce`] answers yes (never by default).
     gemm_all_reduce_from: usize,
+    /// The length of the sum [`TpComm::gemm_all_reduce_for_norm`] left open, if any.
+    open: Arc<Mutex<Option<usize>>>,
 }
 
 impl ThreadComm {
@@ -207,15 +248,17 @@ impl ThreadComm {
                 rank,
                 group: Arc::clone(&group),
                 gemm_all_reduce_from: usize::MAX,
+                open: Arc::default(),
             })
             .collect()
     }
 
-    /// This rank, answering [`TpComm::overlaps_gemm_all_reduce`] with yes from `rows` rows on.
-    /// Threads gain nothing from it (the default [`TpComm::gemm_all_reduce`] overlaps
-    /// nothing), but the layers then take the path NCCL's group takes for prefill-sized steps
-    /// (the product summed in one call, then the plain residual add + RMSNorm), which this
-    /// lets the CPU tests cover. Every rank of a group must be given the same `rows`.
+    /// This rank, answering [`TpComm::overlaps_gemm_all_reduce`] with yes from `rows` rows on,
+    /// and leaving [`TpComm::gemm_all_reduce_for_norm`]'s sums open from there (the product
+    /// now, the all-reduce and the norm at [`TpComm::finish_all_reduce_add_rms_norm`]).
+    /// Threads gain nothing from either, but the layers then take the paths NCCL's group takes
+    /// for prefill-sized steps, which this lets the CPU tests cover. Every rank of a group must
+    /// be given the same `rows`.
     pub fn with_gemm_all_reduce_from(mut self, rows: usize) -> Self {
         self.gemm_all_reduce_from = rows;
         self
@@ -288,6 +331,51 @@ impl TpComm<CpuBackend> for ThreadComm {
 
     fn overlaps_gemm_all_reduce(&self, m: usize, _n: usize) -> bool {
         m >= self.gemm_all_reduce_from
+    }
+
+    /// The product alone where [`TpComm::overlaps_gemm_all_reduce`] (the sum waits for the
+    /// finish), the default otherwise.
+    fn gemm_all_reduce_for_norm(
+        &self,
+        be: &CpuBackend,
+        x: &CpuBuf<bf16>,
+        w: &CpuBuf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut CpuBuf<bf16>,
+    ) -> Result<bool> {
+        if self.group.size < 2 || !self.overlaps_gemm_all_reduce(m, n) {
+            self.gemm_all_reduce(be, x, w, m, n, k, out)?;
+            return Ok(false);
+        }
+        be.gemm(x, w, m, n, k, out)?;
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(m * n);
+        Ok(true)
+    }
+
+    fn finish_all_reduce_add_rms_norm(
+        &self,
+        be: &CpuBackend,
+        x: &mut CpuBuf<bf16>,
+        residual: &mut CpuBuf<bf16>,
+        weight: &CpuBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "ThreadComm::finish_all_reduce_add_rms_norm";
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match open {
+            Some(len) if Some(len) == n.checked_mul(hidden) => {
+                self.all_reduce_sum(be, x, len)?;
+                be.add_rms_norm(x, residual, weight, n, hidden, eps)
+            }
+            Some(len) => Err(Error::Other(format!(
+                "{OP}: the open sum has {len} elements, not {n} x {hidden}"
+            ))),
+            None => Err(Error::Other(format!("{OP}: no sum was left open"))),
+        }
     }
 
     fn all_reduce_sum(&self, _be: &CpuBackend, buf: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
@@ -454,6 +542,34 @@ mod nccl {
             out: &mut CudaBuf<bf16>,
         ) -> Result<()> {
             NcclComm::gemm_all_reduce(self, be, x, w, m, n, k, out)
+        }
+
+        /// Leaves the add of the peer's sums to the norm's kernel where the product overlaps
+        /// its copy-engine all-reduce.
+        fn gemm_all_reduce_for_norm(
+            &self,
+            be: &CudaBackend,
+            x: &CudaBuf<bf16>,
+            w: &CudaBuf<bf16>,
+            m: usize,
+            n: usize,
+            k: usize,
+            out: &mut CudaBuf<bf16>,
+        ) -> Result<bool> {
+            NcclComm::gemm_all_reduce_for_norm(self, be, x, w, m, n, k, out)
+        }
+
+        fn finish_all_reduce_add_rms_norm(
+            &self,
+            be: &CudaBackend,
+            x: &mut CudaBuf<bf16>,
+            residual: &mut CudaBuf<bf16>,
+            weight: &CudaBuf<bf16>,
+            n: usize,
+            hidden: usize,
+            eps: f32,
+        ) -> Result<()> {
+            NcclComm::finish_all_reduce_add_rms_norm(self, be, x, residual, weight, n, hidden, eps)
         }
 
         fn gather_rank0(

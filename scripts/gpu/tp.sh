@@ -9,7 +9,9 @@
 #           whose exchange through the copy engines overlaps the next part
 #           (NANOVLLM_AR_OVERLAP_ROWS=64, the one-shot kernel off so that it does not take the
 #           prompts' all-reduces) against --tp 1, held to the same rule as tp 2 itself (logits
-#           |diff| at most twice tp 2's)
+#           |diff| at most twice tp 2's), and against the same run with the peer's sums added
+#           by their own kernel instead of inside the norm's (NANOVLLM_AR_NORM_FUSED=0): the
+#           same bits are required
 #   slices  sampling at --tp 2: each rank draws from its vocabulary slice and the ranks exchange
 #           their best candidates; a top-k cut (vocab - 1, which drops only the least likely
 #           token) makes them gather whole rows instead, through decode graphs captured when
@@ -82,6 +84,15 @@ print(f"{model} tp2: one-shot (+ fused add-norm) all-reduce vs NCCL + add_rms_no
       f"-> {'PASS' if ar_same else 'FAIL (must be bit-identical)'}")
 to, lo = dump(2, prompts, MAX_NEW, True, "gen-overlap",
               {"NANOVLLM_CUSTOM_ALLREDUCE": "0", "NANOVLLM_AR_OVERLAP_ROWS": "64"})
+tu, lu = dump(2, prompts, MAX_NEW, True, "gen-overlap-unfused",
+              {"NANOVLLM_CUSTOM_ALLREDUCE": "0", "NANOVLLM_AR_OVERLAP_ROWS": "64",
+               "NANOVLLM_AR_NORM_FUSED": "0"})
+# The norm's kernel adds the peer's sums as ar_copy_reduce does: the same bits.
+fu_diff = max(float(np.abs(a - b).max()) for a, b in zip(lo, lu))
+fu_same = to == tu and fu_diff == 0.0
+print(f"{model} tp2 overlapped: the peer's sums added in the norm's kernel vs by their own: "
+      f"logits max |diff| {fu_diff:.4f}, greedy tokens {'identical' if to == tu else 'DIFFER'} "
+      f"-> {'PASS' if fu_same else 'FAIL (must be bit-identical)'}")
 max_abs = max(float(np.abs(a - b).max()) for a, b in zip(l1, l2))
 scale = max(float(np.abs(a).max()) for a in l1)
 argmax_agree = np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(l1, l2)]))
@@ -115,12 +126,12 @@ print(f"{model} tp2, prefill all-reduces overlapped in 64-row parts: logits vs t
 print(f"{model}: teacher-forced logits tp2 vs tp1 max |diff| {max_abs:.4f} (largest |logit| {scale:.1f}), "
       f"argmax agreement {argmax_agree:.4f}; greedy {MAX_NEW} tokens: {same}/{len(prompts)} prompts identical; "
       f"divergences {first or 'none'} (allowed at top-2 gap <= {noise:.3f})")
-sys.exit(0 if ok and ar_same and ov_ok else 1)
+sys.exit(0 if ok and ar_same and ov_ok and fu_same else 1)
 PY
             status=1
             summary+=("equal $model: FAIL (see equal-$model.log)")
         else
-            while IFS= read -r line; do summary+=("$line"); done < <(tail -3 "$out/equal-$model.log")
+            while IFS= read -r line; do summary+=("$line"); done < <(tail -4 "$out/equal-$model.log")
         fi
     done
 fi

@@ -58,6 +58,8 @@ pub(crate) struct CopyAllReduce {
     /// Host-mapped copy of `stuck`: (host, device) addresses.
     timed_out: (*mut u32, CUdeviceptr),
     reduce: CudaFunction,
+    /// `add_rms_norm_recv` (norm.cu): the reduce fused with the residual add + RMSNorm.
+    reduce_norm: CudaFunction,
     /// SMs of the GPU (the reduce's grid).
     sms: u32,
 }
@@ -89,14 +91,15 @@ impl CopyAllReduce {
                 .alloc_zeros::<u32>(1)
                 .map_err(|e| driver_err("copy all-reduce: alloc", e))?;
             let reduce = be.func("custom_ar", "ar_copy_reduce")?;
+            let reduce_norm = be.func("norm", "add_rms_norm_recv")?;
             let sms = be
                 .ctx()
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| driver_err("copy all-reduce: SM count", e))?;
             let timed_out = host_flag()?;
-            Ok((stuck, reduce, sms.max(1) as u32, timed_out))
+            Ok((stuck, (reduce, reduce_norm), sms.max(1) as u32, timed_out))
         })();
-        let (stuck, reduce, sms, timed_out) = match parts {
+        let (stuck, (reduce, reduce_norm), sms, timed_out) = match parts {
             Ok(p) => p,
             Err(e) => {
                 // SAFETY: our allocation from `allocate`, used by nobody yet.
@@ -113,6 +116,7 @@ impl CopyAllReduce {
             stuck,
             timed_out,
             reduce,
+            reduce_norm,
             sms,
         };
         ar.peer = ipc_open(handle)?;
@@ -231,6 +235,50 @@ impl CopyAllReduce {
         }
         .map_err(|e| driver_err("copy all-reduce: reduce", e))?;
         Ok(())
+    }
+}
+
+impl CopyAllReduce {
+    /// [`Self::reduce`] fused with the residual add + RMSNorm of `Backend::add_rms_norm` that
+    /// follows it in a decoder layer, in one kernel (`add_rms_norm_recv` in norm.cu): `x`
+    /// (`n` rows of `hidden`: this rank's partial sums) becomes the sum with the peer's, then
+    /// `residual = bf16(sum + residual)` and `x = rms_norm(residual) * weight`, with the bits
+    /// of the two ops in a row.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn reduce_add_rms_norm(
+        &self,
+        be: &CudaBackend,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+        call: u32,
+        buf: u64,
+    ) -> Result<()> {
+        let len = n.saturating_mul(hidden);
+        if len > self.cap {
+            return Err(nanovllm_utils::Error::Other(format!(
+                "copy all-reduce: {n} x {hidden} elements beyond the receive buffers' {}",
+                self.cap
+            )));
+        }
+        let received = super::ops::Received {
+            func: &self.reduce_norm,
+            recv: self.local + buf,
+            flag: self.local + flag_at(self.cap) as u64,
+            epoch: call,
+            stuck: &self.stuck,
+            timed_out: self.timed_out.1,
+        };
+        // SAFETY: receive buffer `buf` (one of ours, from `begin`) holds cap >= n * hidden
+        // elements, which the peer wrote before raising the flag and does not write again
+        // before this rank's next signal; the flag follows the buffers in our allocation; the
+        // host-mapped flag is ours; all live as long as `self`.
+        unsafe {
+            super::ops::add_rms_norm_with(be, x, residual, weight, n, hidden, eps, Some(&received))
+        }
     }
 }
 

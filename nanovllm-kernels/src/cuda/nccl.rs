@@ -82,6 +82,22 @@ struct Overlap {
     /// Rows per part, at most ([`overlap_parts`]).
     rows: usize,
     copy: Mutex<CopyState>,
+    /// Whether [`NcclComm::gemm_all_reduce_for_norm`] leaves the last step of the sum to the
+    /// norm's kernel (`NANOVLLM_AR_NORM_FUSED=0` turns it off, to compare).
+    fuse_norm: bool,
+    /// The call that [`NcclComm::gemm_all_reduce_for_norm`] left open: its number, its receive
+    /// buffer, and the output's device address and length.
+    pending: Mutex<Option<Pending>>,
+}
+
+/// A copy-engine all-reduce whose sums arrived (or are arriving) in a receive buffer, not yet
+/// added: see [`NcclComm::gemm_all_reduce_for_norm`].
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    call: u32,
+    buf: u64,
+    out: u64,
+    len: usize,
 }
 
 impl Overlap {
@@ -103,6 +119,8 @@ impl Overlap {
             sums_done: event()?,
             rows,
             copy: Mutex::new(CopyState::Unset),
+            fuse_norm: nanovllm_utils::env_switch("NANOVLLM_AR_NORM_FUSED", true),
+            pending: Mutex::new(None),
         })
     }
 
@@ -125,6 +143,10 @@ fn overlap_parts(m: usize, rows: usize) -> impl Iterator<Item = std::ops::Range<
         let start = i * base + i.min(extra);
         start..start + base + usize::from(i < extra)
     })
+}
+
+fn poisoned() -> Error {
+    Error::Cuda("NCCL overlap: lock poisoned".into())
 }
 
 fn nccl_err(what: &str, e: result::NcclError) -> Error {
@@ -452,6 +474,109 @@ impl NcclComm {
         k: usize,
         out: &mut CudaBuf<bf16>,
     ) -> Result<()> {
+        match self.gemm_send(be, x, w, m, n, k, out)? {
+            None => Ok(()),
+            Some(p) => self.with_copy(|copy| copy.reduce(be, out, p.len, p.call, p.buf)),
+        }
+    }
+
+    /// [`Self::gemm_all_reduce`] for a residual add + RMSNorm that follows: where the product
+    /// overlaps its all-reduce, the peer's sums are left in the receive buffer, and the answer
+    /// is `true`; then [`Self::finish_all_reduce_add_rms_norm`] on `out` must be the group's
+    /// next call, and adds them in the norm's kernel (one pass over the rows fewer). `false`:
+    /// `out` holds the sum.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_all_reduce_for_norm(
+        &self,
+        be: &CudaBackend,
+        x: &CudaBuf<bf16>,
+        w: &CudaBuf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut CudaBuf<bf16>,
+    ) -> Result<bool> {
+        if !self.overlap.as_ref().is_some_and(|o| o.fuse_norm) {
+            self.gemm_all_reduce(be, x, w, m, n, k, out)?;
+            return Ok(false);
+        }
+        let Some(p) = self.gemm_send(be, x, w, m, n, k, out)? else {
+            return Ok(false);
+        };
+        if let Some(overlap) = &self.overlap {
+            *overlap.pending.lock().map_err(|_| poisoned())? = Some(p);
+        }
+        Ok(true)
+    }
+
+    /// The end of the all-reduce [`Self::gemm_all_reduce_for_norm`] left open on `x`
+    /// (`n * hidden` elements, its `out`), fused with [`Backend::add_rms_norm`]:
+    /// `x = bf16(x + the peer's sums)`, then `residual = bf16(x + residual)`,
+    /// `x = rms_norm(residual) * weight`; the bits of the all-reduce and the norm in a row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_all_reduce_add_rms_norm(
+        &self,
+        be: &CudaBackend,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "nccl finish_all_reduce_add_rms_norm";
+        let pending = match &self.overlap {
+            Some(o) => o.pending.lock().map_err(|_| poisoned())?.take(),
+            None => None,
+        };
+        let Some(p) = pending else {
+            return Err(Error::Other(format!(
+                "{OP}: no all-reduce was left open by gemm_all_reduce_for_norm"
+            )));
+        };
+        let len = super::ops::numel(OP, "x", n, hidden)?;
+        if be.dptr(x) != p.out || len != p.len {
+            return Err(Error::Other(format!(
+                "{OP}: x ({len} elements) is not the output the open all-reduce was left in \
+                 ({} elements)",
+                p.len
+            )));
+        }
+        self.with_copy(|copy| {
+            copy.reduce_add_rms_norm(be, x, residual, weight, n, hidden, eps, p.call, p.buf)
+        })
+    }
+
+    /// `f` on the copy-engine all-reduce that an overlapped call used.
+    fn with_copy(&self, f: impl FnOnce(&CopyAllReduce) -> Result<()>) -> Result<()> {
+        let state = match &self.overlap {
+            Some(o) => o.lock()?,
+            None => return Err(Error::Other("NCCL: the overlap is off".into())),
+        };
+        match &*state {
+            CopyState::Ready(copy) => f(copy),
+            _ => Err(Error::Other(
+                "NCCL: the copy-engine all-reduce is not set up".into(),
+            )),
+        }
+    }
+
+    /// The product and, where it overlaps ([`Self::overlaps_gemm_all_reduce`], the stream not
+    /// being captured), its parts' copies to the peer and the flag after them, leaving the add
+    /// of what the peer sent: `Some` of the open call, for [`CopyAllReduce::reduce`] or its
+    /// fusion with the norm. `None`: the product and a whole all-reduce ran, `out` holds the
+    /// sum.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_send(
+        &self,
+        be: &CudaBackend,
+        x: &CudaBuf<bf16>,
+        w: &CudaBuf<bf16>,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: &mut CudaBuf<bf16>,
+    ) -> Result<Option<Pending>> {
         const OP: &str = "nccl gemm_all_reduce";
         let len = super::ops::numel(OP, "out", m, n)?;
         let capturing = be
@@ -463,7 +588,8 @@ impl NcclComm {
             Some(o) if k > 0 && !capturing && self.overlaps_gemm_all_reduce(m, n) => o,
             _ => {
                 be.gemm(x, w, m, n, k, out)?;
-                return self.all_reduce_sum(out, len);
+                self.all_reduce_sum(out, len)?;
+                return Ok(None);
             }
         };
         super::check_len(OP, "x", x, super::ops::numel(OP, "x", m, k)?)?;
@@ -473,7 +599,8 @@ impl NcclComm {
         let Some(copy) = self.copy_for(be, overlap, &mut state, len)? else {
             drop(state);
             be.gemm(x, w, m, n, k, out)?;
-            return self.all_reduce_sum(out, len);
+            self.all_reduce_sum(out, len)?;
+            return Ok(None);
         };
         let elem = std::mem::size_of::<bf16>();
         let (px, pw, po) = (be.dptr(x), be.dptr(w), be.dptr(out));
@@ -502,7 +629,12 @@ impl NcclComm {
             .record(side)
             .map_err(|e| ev("record", e))?;
         main.wait(&overlap.sums_done).map_err(|e| ev("wait", e))?;
-        copy.reduce(be, out, len, call, buf)
+        Ok(Some(Pending {
+            call,
+            buf,
+            out: po,
+            len,
+        }))
     }
 
     /// The copy-engine all-reduce for messages of `len` elements: the one set up, or a new one

@@ -7,7 +7,7 @@
 //! integer types, picks the grid, and queues the kernel on the backend's stream. The
 //! comments at the top of each `.cu` file explain the thread layout chosen here.
 
-use cudarc::driver::{CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
@@ -191,21 +191,72 @@ pub(super) fn add_rms_norm(
     hidden: usize,
     eps: f32,
 ) -> Result<()> {
-    const OP: &str = "add_rms_norm";
-    let len = check_add_rms_norm(OP, x, residual, weight, n, hidden)?;
+    // SAFETY: no received sums to vouch for.
+    unsafe { add_rms_norm_with(be, x, residual, weight, n, hidden, eps, None) }
+}
+
+/// What `add_rms_norm_recv` (norm.cu) takes beyond `add_rms_norm`'s arguments: the peer's
+/// partial sums, written by its copy engine, and the flag that says they have arrived
+/// (copy_ar.rs).
+pub(super) struct Received<'a> {
+    /// The kernel (`add_rms_norm_recv` of the norm module).
+    pub func: &'a CudaFunction,
+    /// Device address of the peer's partial sums, laid out as `x`.
+    pub recv: u64,
+    /// Device address of the flag the peer raises to `epoch`.
+    pub flag: u64,
+    pub epoch: u32,
+    /// Set by a wait that gave up on the peer (one u32).
+    pub stuck: &'a CudaSlice<u32>,
+    /// Device address of the host-mapped u32 the host reads after each step.
+    pub timed_out: u64,
+}
+
+/// `add_rms_norm`, or with `received` its fusion with the end of the copy-engine all-reduce:
+/// `x = bf16(x + recv)` first, once the peer's flag has reached the epoch.
+///
+/// # Safety
+/// Where `received` is given, `recv` addresses at least `n * hidden` bf16 that nothing writes
+/// during the kernel, `flag` a u32 and `timed_out` a host-mapped u32, all alive until the
+/// kernel has run.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn add_rms_norm_with(
+    be: &CudaBackend,
+    x: &mut CudaBuf<bf16>,
+    residual: &mut CudaBuf<bf16>,
+    weight: &CudaBuf<bf16>,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+    received: Option<&Received>,
+) -> Result<()> {
+    let op: &'static str = match received {
+        None => "add_rms_norm",
+        Some(_) => "add_rms_norm_recv",
+    };
+    let len = check_add_rms_norm(op, x, residual, weight, n, hidden)?;
     if len == 0 {
         return Ok(());
     }
-    let h = int(OP, "hidden", hidden)?;
-    let mut b = Launch::new(be.stream(), &be.kernels.add_rms_norm);
+    let h = int(op, "hidden", hidden)?;
+    let func = received.map_or(&be.kernels.add_rms_norm, |r| r.func);
+    let mut b = Launch::new(be.stream(), func);
     b.arg(x.raw_mut())
         .arg(residual.raw_mut())
         .arg(weight.raw())
         .arg(&h)
         .arg(&eps);
-    // SAFETY: arguments match `add_rms_norm` in norm.cu; block i reads and writes row i of
-    // x and residual (n rows of hidden checked; distinct buffers, as &mut guarantees).
-    unsafe { b.launch(cfg(grid(OP, "n", n)?, norm_threads(hidden))) }.map_err(launch_err(OP))?;
+    if let Some(r) = received {
+        b.arg(&r.recv)
+            .arg(&r.flag)
+            .arg(&r.epoch)
+            .arg(r.stuck)
+            .arg(&r.timed_out);
+    }
+    // SAFETY: arguments match `add_rms_norm` / `add_rms_norm_recv` in norm.cu; block i reads
+    // and writes row i of x and residual (n rows of hidden checked; distinct buffers, as &mut
+    // guarantees) and reads row i of recv, which the caller vouches for.
+    unsafe { b.launch(cfg(grid(op, "n", n)?, norm_threads(hidden))) }.map_err(launch_err(op))?;
     Ok(())
 }
 
