@@ -448,11 +448,13 @@ impl<B: Backend> RowParallelLinear<B> {
         self.comm.size() > 1 && self.comm.overlaps_gemm_all_reduce(n, self.output_size)
     }
 
-    /// The layer's output for a residual add + RMSNorm that follows (the decoder's): the sum
-    /// over the ranks ([`Self::forward`]) where the group overlaps the all-reduce with the
-    /// product at `n` rows ([`TpComm::overlaps_gemm_all_reduce`]), this rank's term
-    /// ([`Self::forward_partial`]) otherwise, for the norm to fuse the all-reduce. The answer
-    /// says which; pass it to [`crate::layernorm::RMSNorm::reduce_add_forward`].
+    /// The layer's output for a residual add + RMSNorm that follows (the decoder's): where the
+    /// group overlaps the all-reduce with the product at `n` rows
+    /// ([`TpComm::overlaps_gemm_all_reduce`]), the sum over the ranks, or this rank's term with
+    /// the rest of the sum under way for the norm to finish
+    /// ([`TpComm::gemm_all_reduce_for_norm`]); this rank's term ([`Self::forward_partial`])
+    /// otherwise, for the norm to fuse the all-reduce. The answer says which; pass it to
+    /// [`crate::layernorm::RMSNorm::reduce_add_forward`] before any other collective.
     pub fn forward_for_norm(
         &self,
         be: &B,
