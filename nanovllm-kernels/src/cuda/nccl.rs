@@ -125,9 +125,7 @@ impl Overlap {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, CopyState>> {
-        self.copy
-            .lock()
-            .map_err(|_| Error::Cuda("NCCL overlap: lock poisoned".into()))
+        self.copy.lock().map_err(|_| poisoned())
     }
 }
 
