@@ -236,9 +236,7 @@ impl CopyAllReduce {
         .map_err(|e| driver_err("copy all-reduce: reduce", e))?;
         Ok(())
     }
-}
 
-impl CopyAllReduce {
     /// [`Self::reduce`] fused with the residual add + RMSNorm of `Backend::add_rms_norm` that
     /// follows it in a decoder layer, in one kernel (`add_rms_norm_recv` in norm.cu): `x`
     /// (`n` rows of `hidden`: this rank's partial sums) becomes the sum with the peer's, then
