@@ -119,6 +119,88 @@ impl<'a> Launch<'a> {
     }
 }
 
+/// Makes the next node captured on `stream` depend programmatically on the node it follows, as
+/// the PDL launch attribute does for this crate's own kernels: for a library's kernel that
+/// cannot be given the attribute (cuBLASLt's), which may then start while its predecessor
+/// finishes. Only applies when the stream is capturing, the capture's one current dependency
+/// is a kernel node, and that kernel is one of `own_modules` (this crate's, which all let their
+/// dependents start early and are safe to overlap with); returns whether it applied.
+///
+/// # Safety
+/// The next node captured must wait for its predecessor before it touches memory the
+/// predecessor (or anything before it) uses: `griddepcontrol.wait` before any such access
+/// (what `gemm.rs` checks of cuBLASLt's kernels before it asks for this).
+pub(crate) unsafe fn programmatic_edge_to_next(
+    stream: &CudaStream,
+    own_modules: &[usize],
+) -> Result<bool, DriverError> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut id: sys::cuuint64_t = 0;
+    let mut graph: sys::CUgraph = std::ptr::null_mut();
+    let mut deps: *const sys::CUgraphNode = std::ptr::null();
+    let mut edges: *const sys::CUgraphEdgeData = std::ptr::null();
+    let mut count = 0usize;
+    // SAFETY: every out-pointer is a live local; the returned arrays belong to the capture and
+    // are read before the next call on the stream.
+    unsafe {
+        sys::cuStreamGetCaptureInfo_v3(
+            stream.cu_stream(),
+            &mut status,
+            &mut id,
+            &mut graph,
+            &mut deps,
+            &mut edges,
+            &mut count,
+        )
+    }
+    .result()?;
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE
+        || count != 1
+        || deps.is_null()
+    {
+        return Ok(false);
+    }
+    // SAFETY: `count` is 1, so `deps` points at one node.
+    let mut node = unsafe { *deps };
+    let mut ty = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+    // SAFETY: `node` is a node of the graph being captured.
+    unsafe { sys::cuGraphNodeGetType(node, &mut ty) }.result()?;
+    if ty != sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL {
+        return Ok(false);
+    }
+    // SAFETY: an all-zero parameter struct is valid memory for the driver to fill.
+    let mut params: sys::CUDA_KERNEL_NODE_PARAMS = unsafe { std::mem::zeroed() };
+    // SAFETY: `node` is a kernel node; `params` is a live local.
+    unsafe { sys::cuGraphKernelNodeGetParams_v2(node, &mut params) }.result()?;
+    let mut module: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: `params.func` is the node's kernel; `module` is a live local.
+    if unsafe { sys::cuFuncGetModule(&mut module, params.func) }
+        .result()
+        .is_err()
+        || !own_modules.contains(&(module as usize))
+    {
+        return Ok(false);
+    }
+    let edge = sys::CUgraphEdgeData {
+        from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
+        to_port: 0,
+        type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
+        reserved: [0; 5],
+    };
+    // SAFETY: one node and one edge datum, both live locals; the node is the capture's own.
+    unsafe {
+        sys::cuStreamUpdateCaptureDependencies_v2(
+            stream.cu_stream(),
+            &mut node,
+            &edge,
+            1,
+            sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES as u32,
+        )
+    }
+    .result()?;
+    Ok(true)
+}
+
 /// A scalar kernel argument and its 64-bit slot: the value's bytes first (little-endian), the
 /// rest zero.
 trait Scalar: Copy {
