@@ -6,8 +6,7 @@
 # still move a non-coherent load (`ld.global.nc`, what `const __restrict__` pointers become)
 # above it, which would read the previous kernel's output before it is complete. Allowed before
 # the wait: L2 prefetches (CCTL), and loads with the L1::no_allocate + L2::256B hints (SASS
-# `LDG.E.NA.LTC256B`), the idiom gemv.cu uses for weights alone, which no kernel writes. Kernels
-# named *_nowait (pdl_probe.cu's broken control) are skipped.
+# `LDG.E.NA.LTC256B`), the idiom gemv.cu uses for weights alone, which no kernel writes.
 #
 # Usage: scripts/check-pdl.sh
 # nvcc 13.0: $NVCC, else .venv-nvcc (scripts/build-ptx.sh), else a throwaway venv (pip); the
@@ -52,10 +51,6 @@ for path in sys.argv[1:]:
     name, waited, early = None, False, []
     def done():
         if name is None:
-            return
-        if name.endswith("_nowait"):
-            # pdl_probe.cu's control: a consumer that must not wait, to show the check of
-            # cuBLASLt's kernels (gemm.rs) fails on one that does not.
             return
         if not waited:
             bad.append(f"{name}: never waits (no ACQBULK)")

@@ -12,9 +12,7 @@
 //!   sampling, and for sampled tokens equality on at least 99% of the rows.
 //!
 //! A fused op is also compared bit for bit with the CUDA backend's own run of the ops it
-//! fuses, on the same inputs. `gemm_pdl` checks that cuBLASLt's kernels wait for their
-//! predecessor in a graph (what lets them start early, see gemm.rs), and that the same check
-//! catches a consumer that does not wait.
+//! fuses, on the same inputs.
 //!
 //! Prints one line per case (op, shape, error, tolerance, PASS/FAIL) and a summary, and exits
 //! non-zero on any failure. `OP_CHECK_SEED=<n>` repeats a run's inputs; `OP_CHECK_FILTER=<s>`
@@ -1772,46 +1770,6 @@ fn main() {
         ];
         for (seqs, nh, nkv, d, bs) in cases {
             rep.check(&cpu, &gpu, &Prefill::new(&mut rng, seqs, nh, nkv, d, bs));
-        }
-    }
-    if on("gemm_pdl") {
-        // cuBLASLt's kernels must wait for their predecessor before they may start early in a
-        // graph (gemm.rs); the control, a consumer that does not wait, must be caught.
-        for (m, n, k) in [
-            (17, 1024, 1024),
-            (64, 4096, 2048),
-            (128, 3072, 4096),
-            (256, 12_288, 4096),
-            (256, 4096, 6144),
-            (512, 1024, 3072),
-        ] {
-            for broken in [None, Some(true), Some(false)] {
-                let t0 = Instant::now();
-                let (pass, note) = match gpu.gemm_pdl_check(m, n, k, broken) {
-                    Ok(waited) => (
-                        waited != (broken == Some(true)),
-                        if waited {
-                            "read what its predecessor wrote"
-                        } else {
-                            "read x before its predecessor wrote it"
-                        }
-                        .to_string(),
-                    ),
-                    Err(e) => (false, format!("cuda error: {e}")),
-                };
-                let what = match broken {
-                    None => "cuBLASLt",
-                    Some(true) => "no-wait control",
-                    Some(false) => "waiting control",
-                };
-                rep.record(
-                    "gemm_pdl",
-                    format!("{m}x{n}x{k} {what}"),
-                    Tol::Exact,
-                    (0.0, pass, note),
-                    t0,
-                );
-            }
         }
     }
     if on("graph_replay") {

@@ -28,17 +28,6 @@
 //! when the heuristic offers it too, so only the first M of a bucket pays for timing. A shape
 //! first seen during CUDA graph capture keeps the heuristic's choice untimed; run each shape
 //! once before capturing it (the model runner's warm-up does, once per decode batch bucket).
-//!
-//! Programmatic dependent launch for cuBLASLt: its kernels cannot be given the PDL launch
-//! attribute this crate's kernels get (`launch.rs`), so in a CUDA graph each would start only
-//! once its predecessor has drained. When a decode-sized plan (M up to [`PDL_PROBE_MAX_M`]) is
-//! made, [`CudaBackend::pdl_probe`] checks that the plan's kernels wait for their predecessor
-//! (`griddepcontrol.wait`) before reading x: a producer that lets its dependents start at once
-//! and writes x only 50 us later, then the product in a graph whose edge between the two is
-//! programmatic, compared bit for bit with the product run after the write. Plans that pass
-//! get that edge whenever they are captured after one of this crate's kernels, so their launch
-//! and set-up overlap its end; the others keep the plain edge. `NANOVLLM_GEMM_PDL=0` (or
-//! `NANOVLLM_PDL=0`) turns this off.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
@@ -51,7 +40,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUstreamCaptureStat
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use nanovllm_utils::{Error, Result};
 
-use super::launch::{pdl_enabled, programmatic_edge_to_next, Launch};
+use super::launch::Launch;
 use super::{driver_err, CudaBackend};
 
 /// The workspace cuBLASLt may use per call.
@@ -68,21 +57,6 @@ const ROUNDS: usize = 11;
 /// How much faster than the heuristic's first choice a candidate must time to replace it
 /// (above the timing noise; with 3%, equal algorithms were swapped for 3-5% slower ones).
 const MIN_GAIN: f32 = 0.05;
-
-/// Largest M whose cuBLASLt plans are checked for programmatic dependent launch (the decode
-/// batches CUDA graphs capture; larger products run eagerly).
-pub const PDL_PROBE_MAX_M: usize = 512;
-
-/// How long the probe's producer sleeps before writing x: far longer than a product takes to
-/// launch and read its first tiles, so a kernel that does not wait reads the old x.
-const PDL_PROBE_DELAY_NS: u64 = 50_000;
-
-/// Whether cuBLASLt plans that pass the probe start early in CUDA graphs: on unless
-/// `NANOVLLM_GEMM_PDL=0` or PDL is off altogether (read once per process).
-fn gemm_pdl_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| pdl_enabled() && nanovllm_utils::env_switch("NANOVLLM_GEMM_PDL", true))
-}
 
 /// The largest M the skinny kernels take (`gemv_m32`).
 pub const SKINNY_LIMIT: usize = 32;
@@ -188,9 +162,6 @@ struct Plan {
     b: sys::cublasLtMatrixLayout_t,
     c: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
-    /// Whether `algo`'s kernels passed the PDL probe (may depend programmatically on their
-    /// predecessor in a graph).
-    pdl: bool,
 }
 
 impl Drop for Plan {
@@ -422,139 +393,6 @@ impl CudaBackend {
     }
 }
 
-impl CudaBackend {
-    /// Checks that `consume(x, out)` (device addresses; it reads x and writes out) waits for
-    /// its predecessor when it depends on it programmatically in a CUDA graph: `pdl_late_fill`
-    /// writes x 50 us after letting its dependents start, then `consume` runs once in order
-    /// (the reference), and once in a graph with a programmatic edge from the fill, x and out
-    /// zeroed before. Returns whether the two outs are the same bits (false also when the edge
-    /// could not be made). A consumer that reads x before waiting reads zeros.
-    pub(crate) fn pdl_probe(
-        &self,
-        x: &mut CudaSlice<u16>,
-        out: &mut CudaSlice<u16>,
-        consume: &dyn Fn(u64, u64) -> Result<()>,
-    ) -> Result<bool> {
-        let stream = self.stream();
-        let fill = self.func("pdl_probe", "pdl_late_fill")?;
-        let len = x.len() as u64;
-        let (xp, _) = x.device_ptr(stream);
-        let (op, _) = out.device_ptr(stream);
-        let queue_fill = |delay_ns: u64| -> Result<()> {
-            let cfg = LaunchConfig {
-                grid_dim: (16, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: pdl_late_fill(bf16* x, u64 n, u64 delay_ns) writes x[0..n), which x holds.
-            unsafe {
-                Launch::new(stream, &fill)
-                    .arg(&xp)
-                    .arg(&len)
-                    .arg(&delay_ns)
-                    .launch(cfg)
-            }
-            .map_err(|e| driver_err("PDL probe: fill", e))
-        };
-        queue_fill(0)?;
-        stream
-            .synchronize()
-            .map_err(|e| driver_err("PDL probe: fill", e))?;
-        consume(xp, op)?;
-        let reference = stream
-            .clone_dtoh(out)
-            .map_err(|e| driver_err("PDL probe: reference", e))?;
-        let zero = |b: &mut CudaSlice<u16>| {
-            stream
-                .memset_zeros(b)
-                .map_err(|e| driver_err("PDL probe: zeroing", e))
-        };
-        zero(x)?;
-        zero(out)?;
-        let mut linked = false;
-        let graph = self.capture(|| {
-            queue_fill(PDL_PROBE_DELAY_NS)?;
-            // SAFETY: the probe is what checks the consumer; its graph only touches x and out.
-            linked = unsafe { programmatic_edge_to_next(stream, &self.own_modules) }
-                .map_err(|e| driver_err("PDL probe: programmatic edge", e))?;
-            consume(xp, op)
-        })?;
-        graph.replay()?;
-        let probed = stream
-            .clone_dtoh(out)
-            .map_err(|e| driver_err("PDL probe: result", e))?;
-        Ok(linked && probed == reference)
-    }
-
-    /// The check [`Gemm`]'s plans get before they start early in graphs
-    /// ([`CudaBackend::pdl_probe`]), run for `out = x . w^T` of the given shape through
-    /// cuBLASLt's heuristic choice (`broken = None`), or with one of two controls in its place:
-    /// a copy that does not wait (`pdl_copy_nowait`, `Some(true)`), which the check must catch,
-    /// and one that does (`pdl_copy`, `Some(false)`), which must pass. Returns whether the
-    /// consumer passed. For `examples/op_check.rs`.
-    pub fn gemm_pdl_check(
-        &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        broken: Option<bool>,
-    ) -> Result<bool> {
-        let stream = self.stream();
-        let alloc = |len| {
-            stream
-                .alloc_zeros::<u16>(len)
-                .map_err(|e| driver_err("gemm_pdl_check: buffers", e))
-        };
-        // A weight of small values (bf16 bits of +-[0.0039, 0.5)) so that the product is not
-        // zero.
-        let w_host: Vec<u16> = (0..n * k)
-            .map(|i| {
-                let h = (i as u32).wrapping_mul(2_246_822_519) >> 20;
-                (0x3b80 + (h & 0x3ff) as u16) | ((((h >> 10) & 1) as u16) << 15)
-            })
-            .collect();
-        let w = stream
-            .clone_htod(&w_host)
-            .map_err(|e| driver_err("gemm_pdl_check: weight", e))?;
-        let (wp, _) = w.device_ptr(stream);
-        let (mut x, mut out) = (alloc(m * k)?, alloc(m * n)?);
-        if broken.is_some() {
-            let name = if broken == Some(true) {
-                "pdl_copy_nowait"
-            } else {
-                "pdl_copy"
-            };
-            let copy = self.func("pdl_probe", name)?;
-            let len = (m * k.min(n)) as u64;
-            return self.pdl_probe(&mut x, &mut out, &|x, out| {
-                let cfg = LaunchConfig {
-                    grid_dim: (16, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // SAFETY: pdl_copy_nowait(x, out, n) copies n < len(x), len(out) elements.
-                unsafe {
-                    Launch::new(stream, &copy)
-                        .arg(&x)
-                        .arg(&out)
-                        .arg(&len)
-                        .launch(cfg)
-                }
-                .map_err(|e| driver_err("gemm_pdl_check: copy", e))
-            });
-        }
-        // The handle is used under the plan lock only (see `Gemm`).
-        let _plans = self.blas.lock()?;
-        let (plan, _) = self.blas.plan(m, n, k)?;
-        self.pdl_probe(&mut x, &mut out, &|x, out| {
-            // SAFETY: x, w and out hold m * k, n * k and m * n bf16 (allocated above), on
-            // the backend's stream.
-            unsafe { self.blas.launch(stream, &plan, &plan.algo, (x, wp, out)) }
-                .map_err(|e| blas_err("gemm_pdl_check", e))
-        })
-    }
-}
-
 impl Gemm {
     pub(super) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         let handle =
@@ -610,7 +448,6 @@ impl Gemm {
             // SAFETY: an all-zero algo struct is a valid placeholder; it is overwritten by
             // the heuristic's choice below before any use.
             algo: unsafe { std::mem::zeroed() },
-            pdl: false,
         };
         let trans_a: i32 = 1; // CUBLAS_OP_T
         let trans_b: i32 = 0; // CUBLAS_OP_N
@@ -718,31 +555,6 @@ impl Gemm {
             WORKSPACE_BYTES,
             stream.cu_stream() as sys::cudaStream_t,
         )
-    }
-
-    /// [`CudaBackend::pdl_probe`] with this plan's product of `w` as the consumer.
-    fn probe_plan(
-        &self,
-        be: &CudaBackend,
-        plan: &Plan,
-        w: u64,
-        m: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<bool> {
-        let stream = be.stream();
-        let alloc = |len| {
-            stream
-                .alloc_zeros::<u16>(len)
-                .map_err(|e| driver_err("gemm: PDL probe buffers", e))
-        };
-        let (mut x, mut out) = (alloc(m * k)?, alloc(m * n)?);
-        be.pdl_probe(&mut x, &mut out, &|x, out| {
-            // SAFETY: x and out hold m * k and m * n bf16 (allocated above), w is the caller's
-            // weight of n * k; all on the backend's stream.
-            unsafe { self.launch(stream, plan, &plan.algo, (x, w, out)) }
-                .map_err(|e| blas_err("PDL probe", e))
-        })
     }
 
     /// Times each candidate with a cold L2 on the call's buffers and returns the fastest, or
@@ -864,19 +676,9 @@ impl Gemm {
                         }
                     }
                 }
-                if !capturing && m <= PDL_PROBE_MAX_M && gemm_pdl_enabled() {
-                    // A probe that cannot run (memory full) leaves the plan without PDL.
-                    plan.pdl = self.probe_plan(be, &plan, w, m, n, k).unwrap_or(false);
-                }
                 e.insert(plan)
             }
         };
-        if plan.pdl && gemm_pdl_enabled() {
-            // SAFETY: the plan's kernels passed the probe: they wait for their predecessor
-            // before reading x (and write out only after their main loop).
-            unsafe { programmatic_edge_to_next(stream, &be.own_modules) }
-                .map_err(|e| driver_err("gemm: programmatic edge", e))?;
-        }
         // SAFETY: the plan's descriptors describe exactly the buffers behind x, w and out
         // (checked by the caller to be large enough), the workspace holds WORKSPACE_BYTES,
         // and everything is queued on `stream`, the stream every buffer is used on.

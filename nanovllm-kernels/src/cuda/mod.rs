@@ -130,18 +130,6 @@ pub struct CudaBackend {
     split_counters: Mutex<CudaSlice<u32>>,
     /// Whether every kernel module was loaded from its sm_90 machine code (else from PTX).
     machine_code: bool,
-    /// The `CUmodule` handles of the kernel modules (as addresses), to tell this crate's
-    /// kernels from a library's in a captured graph (`launch::programmatic_edge_to_next`).
-    own_modules: Vec<usize>,
-}
-
-/// The name of the first kernel a PTX module defines (its first `.entry`).
-fn first_entry(ptx: &str) -> Option<&str> {
-    let rest = &ptx[ptx.find(".entry ")? + ".entry ".len()..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
-        .unwrap_or(rest.len());
-    (end > 0).then(|| &rest[..end])
 }
 
 /// `Error::Cuda` for a failed driver call, naming what was being done.
@@ -286,18 +274,6 @@ impl CudaBackend {
                 .load_function(name)
                 .map_err(|e| driver_err(&what(&format!("kernel {module}.{name}")), e))
         };
-        let mut own_modules = Vec::with_capacity(KERNEL_MODULES.len());
-        for &(name, ptx, _) in KERNEL_MODULES {
-            let entry = first_entry(ptx)
-                .ok_or_else(|| Error::Cuda(what(&format!("kernel module {name} has no kernel"))))?;
-            let f = get(name, entry)?;
-            let mut module: cudarc::driver::sys::CUmodule = std::ptr::null_mut();
-            // SAFETY: `f` is a live kernel of a loaded module; `module` is a live local.
-            unsafe { cudarc::driver::sys::cuFuncGetModule(&mut module, f.cu_function()) }
-                .result()
-                .map_err(|e| driver_err(&what(&format!("module of {name}.{entry}")), e))?;
-            own_modules.push(module as usize);
-        }
         let kernels = Kernels {
             rms_norm: get("norm", "rms_norm")?,
             add_rms_norm: get("norm", "add_rms_norm")?,
@@ -348,7 +324,6 @@ impl CudaBackend {
             sample_parts: Mutex::new(sample_parts),
             split_counters: Mutex::new(split_counters),
             machine_code,
-            own_modules,
         })
     }
 
