@@ -10,7 +10,8 @@
 //! * When nvcc is found (env `NVCC`, else `$CUDA_HOME/bin/nvcc`, else `nvcc` on `PATH`), each
 //!   `.cu` is compiled with `nvcc -ptx -arch=sm_90 -O3 -std=c++17` plus the flags named on the
 //!   file's own `// nvcc-flags:` line (for example `--use_fast_math`), and that PTX with the
-//!   `ptxas -arch=sm_90 -O3` beside nvcc. Without that ptxas the cubin is left empty (the
+//!   `ptxas -arch=sm_90 -O3` beside nvcc; a file's `// nvcc-arch:` line (sm_90a, which wgmma
+//!   needs) replaces sm_90 in both. Without that ptxas the cubin is left empty (the
 //!   backend then loads the PTX).
 //! * Otherwise (CI, machines without a CUDA toolkit) the shipped `ptx/<name>.ptx` and
 //!   `cubin/<name>.sm_90.cubin` are copied. `NVCC=none` forces this even when nvcc exists:
@@ -25,12 +26,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Flags every kernel file is compiled with; keep in sync with `scripts/build-ptx.sh`.
-const BASE_FLAGS: &[&str] = &["-ptx", "-arch=sm_90", "-O3", "-std=c++17"];
+/// Flags every kernel file is compiled with, besides `-arch` (sm_90, or the file's own
+/// `// nvcc-arch:` line); keep in sync with `scripts/build-ptx.sh`.
+const BASE_FLAGS: &[&str] = &["-ptx", "-O3", "-std=c++17"];
 
-/// Flags of ptxas, which turns each PTX file into sm_90 machine code; keep in sync with
-/// `scripts/build-ptx.sh`.
-const PTXAS_FLAGS: &[&str] = &["-arch=sm_90", "-O3"];
+/// Flags of ptxas, which turns each PTX file into sm_90 machine code, besides `-arch` (as for
+/// nvcc); keep in sync with `scripts/build-ptx.sh`.
+const PTXAS_FLAGS: &[&str] = &["-O3"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -73,8 +75,9 @@ fn main() {
         let cubin = out_dir.join(format!("{stem}.sm_90.cubin"));
         match &nvcc {
             Some(nvcc) => {
-                compile(nvcc, src, &cuda_dir, &dst);
-                assemble(nvcc, &dst, &cubin);
+                let arch = format!("-arch={}", file_arch(src));
+                compile(nvcc, src, &cuda_dir, &dst, &arch);
+                assemble(nvcc, &dst, &cubin, &arch);
             }
             None => {
                 let shipped = ptx_dir.join(format!("{stem}.ptx"));
@@ -140,10 +143,11 @@ fn find_nvcc() -> Option<PathBuf> {
 /// Assembles `ptx` into sm_90 machine code at `cubin` with the ptxas beside `nvcc`. Without
 /// that ptxas, or when it fails, `cubin` is left empty and a warning says so: the backend then
 /// loads the PTX.
-fn assemble(nvcc: &Path, ptx: &Path, cubin: &Path) {
+fn assemble(nvcc: &Path, ptx: &Path, cubin: &Path, arch: &str) {
     let ptxas = nvcc.with_file_name("ptxas");
     let failed = match Command::new(&ptxas)
         .args(PTXAS_FLAGS)
+        .arg(arch)
         .arg(ptx)
         .arg("-o")
         .arg(cubin)
@@ -162,6 +166,14 @@ fn assemble(nvcc: &Path, ptx: &Path, cubin: &Path) {
     fs::write(cubin, []).expect("OUT_DIR is writable");
 }
 
+/// The target a kernel file asks for on its `// nvcc-arch:` line (sm_90a for wgmma), else sm_90.
+fn file_arch(src: &Path) -> String {
+    let text = fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("// nvcc-arch:"))
+        .map_or_else(|| "sm_90".to_string(), |a| a.trim().to_string())
+}
+
 /// Extra flags a kernel file asks for on its `// nvcc-flags:` line.
 fn file_flags(src: &Path) -> Vec<String> {
     let text = fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
@@ -171,9 +183,10 @@ fn file_flags(src: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn compile(nvcc: &Path, src: &Path, include: &Path, dst: &Path) {
+fn compile(nvcc: &Path, src: &Path, include: &Path, dst: &Path, arch: &str) {
     let out = Command::new(nvcc)
         .args(BASE_FLAGS)
+        .arg(arch)
         .args(file_flags(src))
         .arg("-I")
         .arg(include)

@@ -10,7 +10,8 @@
 #        (default nanovllm-kernels/ptx and nanovllm-kernels/cubin)
 # nvcc: $NVCC if set, else .venv-nvcc (created with pip when missing).
 # Flags: -ptx -arch=sm_90 -O3 -std=c++17 plus each file's `// nvcc-flags:` line, then
-# ptxas -arch=sm_90 -O3: exactly what build.rs passes.
+# ptxas -arch=sm_90 -O3: exactly what build.rs passes. A file's `// nvcc-arch:` line (sm_90a for
+# wgmma) replaces sm_90 in both; its machine code still goes to <stem>.sm_90.cubin (H100, H200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,9 +39,12 @@ mkdir -p "$out" "$cubin_out"
 for src in nanovllm-kernels/cuda/*.cu; do
     stem=$(basename "$src" .cu)
     flags=$(sed -n 's#^// nvcc-flags:##p' "$src" | head -n 1)
+    # A file may ask for another target (sm_90a: wgmma) on its `// nvcc-arch:` line.
+    arch=$(sed -n 's#^// nvcc-arch:[[:space:]]*##p' "$src" | head -n 1)
+    arch=${arch:-sm_90}
     # shellcheck disable=SC2086 # the flags are a word list
-    "$nvcc" -ptx -arch=sm_90 -O3 -std=c++17 $flags -I nanovllm-kernels/cuda "$src" -o "$out/$stem.ptx"
-    "$ptxas" -arch=sm_90 -O3 "$out/$stem.ptx" -o "$cubin_out/$stem.sm_90.cubin"
+    "$nvcc" -ptx -arch="$arch" -O3 -std=c++17 $flags -I nanovllm-kernels/cuda "$src" -o "$out/$stem.ptx"
+    "$ptxas" -arch="$arch" -O3 "$out/$stem.ptx" -o "$cubin_out/$stem.sm_90.cubin"
     echo "$src -> $out/$stem.ptx, $cubin_out/$stem.sm_90.cubin" >&2
 done
 if [ "$#" -eq 0 ]; then

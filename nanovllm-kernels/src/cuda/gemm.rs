@@ -36,7 +36,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUstreamCaptureStatus};
+use cudarc::driver::sys::{
+    self as dsys, CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUstreamCaptureStatus,
+};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use nanovllm_utils::{Error, Result};
 
@@ -232,7 +234,202 @@ pub(super) fn gemm(
             })?;
         return skinny(be, *kernel, x, w, out, m, n, k);
     }
+    if tma_fits(be, m, n, k, x, w) {
+        return tma_gemm(be, x, w, out, m, n, k);
+    }
     be.blas.matmul(be, x, w, out, m, n, k)
+}
+
+/// Token tiles of `cuda/gemm_tma.cu` (wgmma's N): a product of M rows takes the first >= M.
+const TMA_TILES: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// The largest M `gemm` gives the TMA kernel. It beats cuBLASLt on most Qwen3-8B decode shapes
+/// up to M = 64 and loses above, where every CTA re-reads the whole x tile from L2 for its 64
+/// weight rows (docs/perf-notes.md, "A TMA + wgmma GEMM with programmatic dependent launch").
+const TMA_MAX_M: usize = 64;
+
+/// [`TMA_MAX_M`], or `NANOVLLM_GEMM_TMA_MAX_M` (up to 256) for experiments.
+fn tma_max_m() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_MAX_M").map_or(TMA_MAX_M, |v| v.min(256)))
+}
+
+/// MMA warpgroups of the TMA kernel for a product of `m` rows: one (64 weight rows per CTA) up
+/// to 64 tokens, two (128 rows, half the x traffic per weight row) above;
+/// `NANOVLLM_GEMM_TMA_WG` forces 1 or 2 (two only for 64 tokens and more).
+fn tma_warpgroups(m: usize) -> usize {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let auto = if m > 64 { 2 } else { 1 };
+    match *FORCED.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_WG")) {
+        Some(2) if m > 32 => 2,
+        Some(1) => 1,
+        _ => auto,
+    }
+}
+
+/// Weight rows (output columns) per CTA of `gemm_tma.cu`.
+const TMA_W_ROWS: usize = 64;
+
+/// Most CTAs of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens that split one tile's K
+/// (`TmaCfg::MAX_SPLIT`).
+fn tma_max_split(nt: usize, wg: usize) -> usize {
+    match (wg, nt) {
+        (2, _) => 8,
+        (_, ..=64) => 4,
+        _ => 2,
+    }
+}
+
+/// Dynamic shared memory of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens (`TmaCfg` in
+/// the kernel): with one warpgroup the receive area of split-K (the f32 sums of up to
+/// `tma_max_split - 1` other CTAs; two use a global workspace), a ring of as many 64-wide k
+/// stages of a (64 * wg)-row weight tile and an nt-row x tile as fit in the rest of 224 KiB (at
+/// most 16), and 1 KiB to align the ring to 1,024 bytes.
+fn tma_smem_bytes(nt: usize, wg: usize) -> usize {
+    let stage = (TMA_W_ROWS * wg + nt) * 64 * 2;
+    let recv = if wg == 1 {
+        (tma_max_split(nt, wg) - 1) * 64 * nt * 4
+    } else {
+        0
+    };
+    let ring = 224 * 1024 - recv - 1024;
+    (ring / stage).min(16) * stage + recv + 1024
+}
+
+/// A number from the environment variable `var` (read once per process by the caller's
+/// `OnceLock`), for the TMA kernel's experiment switches.
+fn env_number(var: &str) -> Option<usize> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+/// CTAs that share one 64-row tile of `gemm_tma` (a cluster, each a range of K): the most,
+/// up to the kernel's limit, that keep every tile's CTAs within one wave on the GPU and give
+/// each at least two k tiles; `NANOVLLM_GEMM_TMA_SPLIT` forces it (for checks and timing).
+fn tma_split(num_sms: usize, nt: usize, wg: usize, n: usize, k: usize) -> usize {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let max = tma_max_split(nt, wg);
+    if let Some(s) = *FORCED.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_SPLIT")) {
+        return s.clamp(1, max);
+    }
+    let (tiles, ktiles) = (n.div_ceil(TMA_W_ROWS * wg), k.div_ceil(64));
+    (1..=max)
+        .rev()
+        .find(|&s| tiles * s <= num_sms && ktiles >= 2 * s)
+        .unwrap_or(1)
+}
+
+/// Whether `gemm` takes the TMA + wgmma kernel: unless `NANOVLLM_GEMM_TMA=0`, for M up to
+/// [`TMA_MAX_M`] (the skinny kernel keeps the smallest M its policy gives it), K a multiple of
+/// 8 and x, w
+/// 16-byte aligned (what TMA needs of a row-major bf16 matrix), on a GPU that loaded it.
+fn tma_fits(be: &CudaBackend, m: usize, n: usize, k: usize, x: u64, w: u64) -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_GEMM_TMA", true))
+        && m <= tma_max_m()
+        && k.is_multiple_of(8)
+        && x.is_multiple_of(16)
+        && w.is_multiple_of(16)
+        && i32::try_from(n).is_ok()
+        && i32::try_from(k).is_ok()
+        && be.has_module("gemm_tma")
+}
+
+/// A TMA descriptor of a row-major `[rows, k]` bf16 matrix at `ptr`, read in boxes of 64 k by
+/// `box_rows` rows with the 128-byte swizzle wgmma's descriptors expect; rows and k beyond the
+/// matrix read as zeros.
+fn tensor_map(ptr: u64, rows: usize, k: usize, box_rows: usize) -> Result<dsys::CUtensorMap> {
+    let dims = [k as u64, rows as u64];
+    let strides = [(k * 2) as u64];
+    let boxes = [64u32, box_rows as u32];
+    let steps = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<dsys::CUtensorMap>::zeroed();
+    // SAFETY: every array holds the two dimensions the call is told of (one stride: the
+    // outer dimension's); `map` is writable memory of the map's size; the driver only encodes
+    // the address, it does not access it.
+    unsafe {
+        dsys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .map_err(|e| driver_err("gemm_tma: tensor map", e))?;
+        Ok(map.assume_init())
+    }
+}
+
+/// Queues `gemm_tma_n{nt}` (see [`tma_fits`]) for `out = x . w^T`.
+#[allow(clippy::too_many_arguments)]
+fn tma_gemm(
+    be: &CudaBackend,
+    x: u64,
+    w: u64,
+    out: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    let nt = *TMA_TILES
+        .iter()
+        .find(|&&t| m <= t)
+        .ok_or_else(|| Error::Other(format!("op gemm: m = {m} is beyond the TMA kernel")))?;
+    let wg = tma_warpgroups(m);
+    let name = if wg == 2 {
+        format!("gemm_tma2_n{}", nt.max(64))
+    } else {
+        format!("gemm_tma_n{nt}")
+    };
+    let nt = if wg == 2 { nt.max(64) } else { nt };
+    let f = be.func("gemm_tma", &name)?;
+    let smem = tma_smem_bytes(nt, wg);
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| driver_err("gemm_tma: shared memory size", e))?;
+    let tw = tensor_map(w, n, k, TMA_W_ROWS * wg)?;
+    let tx = tensor_map(x, m, k, nt)?;
+    let split = tma_split(be.num_sms, nt, wg, n, k);
+    let tiles = n.div_ceil(TMA_W_ROWS * wg);
+    // Two warpgroups hand split-K sums over in global memory: (split - 1) x nt / 2 floats per
+    // MMA thread and tile.
+    let ws_len = if wg == 2 && split > 1 {
+        (split - 1) * tiles * (nt / 2) * 256
+    } else {
+        1
+    };
+    let ws = be.scratch_f32(ws_len)?;
+    let cfg = LaunchConfig {
+        grid_dim: ((tiles * split) as u32, 1, 1),
+        block_dim: (128 * wg as u32 + 32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let (m, n, k) = (m as i32, n as i32, k as i32);
+    // SAFETY: gemm_tma{,2}_n{nt}(TensorMap w, TensorMap x, bf16* out, float* ws, int m, int n,
+    // int k): the maps describe the caller's w ([n, k]) and x ([m, k]), out holds m * n bf16
+    // (checked by the caller), ws the split-K sums, and m <= nt.
+    unsafe {
+        Launch::new(be.stream(), &f)
+            .arg_struct(&tw)
+            .arg_struct(&tx)
+            .arg(&out)
+            .arg(&*ws)
+            .arg(&m)
+            .arg(&n)
+            .arg(&k)
+            .cluster(split as u32)
+            .launch(cfg)
+    }
+    .map_err(|e| driver_err(&name, e))
 }
 
 /// `Backend::silu_and_mul_gemm` fused into one skinny kernel (`gemv_m8_silu`), when it applies:
@@ -690,6 +887,48 @@ impl Gemm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every TMA kernel variant fits the 227 KiB of shared memory an H100 CTA may have, with a
+    /// ring of at least three stages.
+    #[test]
+    fn tma_kernels_fit_shared_memory() {
+        for (nt, wg) in [
+            (16, 1),
+            (32, 1),
+            (64, 1),
+            (128, 1),
+            (256, 1),
+            (64, 2),
+            (128, 2),
+            (256, 2),
+        ] {
+            let bytes = tma_smem_bytes(nt, wg);
+            assert!(bytes <= 227 * 1024, "n{nt} x{wg}: {bytes} bytes");
+            let stage = (TMA_W_ROWS * wg + nt) * 128;
+            let recv = if wg == 1 {
+                (tma_max_split(nt, wg) - 1) * 64 * nt * 4
+            } else {
+                0
+            };
+            assert!(
+                (bytes - recv - 1024) / stage >= 3,
+                "n{nt} x{wg}: too few stages"
+            );
+        }
+    }
+
+    /// Split-K spreads the few tiles of the Qwen3-8B tp 2 shapes over the 132 SMs of an H100
+    /// within one wave, and leaves shapes with enough tiles (or too short a K) whole.
+    #[test]
+    fn tma_split_fills_one_wave() {
+        let split = |n, k| tma_split(132, 64, 1, n, k);
+        assert_eq!(split(4096, 2048), 2); // o: 64 tiles
+        assert_eq!(split(3072, 4096), 2); // qkv: 48 tiles
+        assert_eq!(split(12_288, 4096), 1); // gate_up: 192 tiles
+        assert_eq!(split(1024, 3072), 4); // Qwen3-0.6B down: 16 tiles, the kernel's most
+        assert_eq!(split(1024, 128), 1); // two k tiles: nothing to split
+        assert_eq!(tma_split(132, 128, 2, 4096, 2048), 4); // 32 tiles of 128 rows
+    }
 
     /// The launch shapes measured on an H100 (132 SMs): one batch per warp for the Qwen3-0.6B
     /// layers, 4-warp looping CTAs for the large K and N of Qwen3-8B.

@@ -49,8 +49,13 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
     slots: [u64; MAX_ARGS],
+    /// For arguments passed by value as a struct ([`Launch::arg_struct`]): where their bytes
+    /// are (null for the slot arguments).
+    structs: [*const c_void; MAX_ARGS],
     /// Arguments pushed; more than `MAX_ARGS` makes `launch` fail.
     len: usize,
+    /// CTAs per thread-block cluster along x (1: no cluster).
+    cluster_x: u32,
 }
 
 impl<'a> Launch<'a> {
@@ -59,8 +64,26 @@ impl<'a> Launch<'a> {
             stream,
             func,
             slots: [0; MAX_ARGS],
+            structs: [std::ptr::null(); MAX_ARGS],
             len: 0,
+            cluster_x: 1,
         }
+    }
+
+    /// Launches the grid as thread-block clusters of `x` consecutive CTAs along x (the grid's
+    /// x a multiple of it).
+    pub(crate) fn cluster(&mut self, x: u32) -> &mut Self {
+        self.cluster_x = x.max(1);
+        self
+    }
+
+    /// Passes `value`'s bytes as the next argument: a struct the kernel takes by value (a
+    /// `CUtensorMap`), borrowed until the launch.
+    pub(crate) fn arg_struct<T>(&mut self, value: &'a T) -> &mut Self {
+        if let Some(p) = self.structs.get_mut(self.len) {
+            *p = value as *const T as *const c_void;
+        }
+        self.push(0)
     }
 
     fn push(&mut self, slot: u64) -> &mut Self {
@@ -82,16 +105,39 @@ impl<'a> Launch<'a> {
         }
         self.stream.context().bind_to_thread()?;
         let mut params = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
-        for (p, s) in params.iter_mut().zip(self.slots.iter_mut()) {
-            *p = s as *mut u64 as *mut c_void;
+        for ((p, s), st) in params
+            .iter_mut()
+            .zip(self.slots.iter_mut())
+            .zip(self.structs.iter())
+        {
+            *p = if st.is_null() {
+                s as *mut u64 as *mut c_void
+            } else {
+                st.cast_mut()
+            };
         }
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        let attr = |id| sys::CUlaunchAttribute {
+            id,
             pad: [0; 4],
             // SAFETY: an all-zero union is a valid value of each of its plain-data variants.
             value: unsafe { std::mem::zeroed() },
         };
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = [
+            attr(sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION),
+            attr(sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION),
+        ];
+        let mut count = 0;
+        if pdl_enabled() {
+            attrs[count].value.programmaticStreamSerializationAllowed = 1;
+            count += 1;
+        }
+        if self.cluster_x > 1 {
+            attrs[count] = attr(sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION);
+            attrs[count].value.clusterDim.x = self.cluster_x;
+            attrs[count].value.clusterDim.y = 1;
+            attrs[count].value.clusterDim.z = 1;
+            count += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -101,12 +147,12 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(pdl_enabled()),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: count as u32,
         };
-        // SAFETY: `params` points at this launch's slots, which are not touched until the call
-        // returns (the driver copies the arguments during it); the caller vouches for their
-        // match with the kernel; `config` and `attr` are valid for the call.
+        // SAFETY: `params` points at this launch's slots and borrowed structs, which are not
+        // touched until the call returns (the driver copies the arguments during it); the caller
+        // vouches for their match with the kernel; `config` and `attrs` are valid for the call.
         unsafe {
             sys::cuLaunchKernelEx(
                 &config,

@@ -251,6 +251,11 @@ impl CudaBackend {
         let mut modules = HashMap::new();
         let mut machine_code = true;
         for &(name, ptx, cubin) in KERNEL_MODULES {
+            // Modules built for sm_90a (wgmma) load only on compute capability 9.0; elsewhere
+            // they are left out and their kernels are never picked (see `has_module`).
+            if !sm_90 && ptx.contains(".target sm_90a") {
+                continue;
+            }
             // The machine code first where it fits the GPU; the PTX when there is none or the
             // driver refuses it (then the PTX's error is the one reported).
             let loaded = (use_cubin && !cubin.is_empty())
@@ -433,6 +438,12 @@ impl CudaBackend {
         // checked above); `buf` is borrowed mutably for the call.
         unsafe { b.launch(cfg) }.map_err(|e| driver_err("l2_flush", e))?;
         Ok(())
+    }
+
+    /// Whether kernel module `module` (the `.cu` file stem) was loaded: those built for sm_90a
+    /// are only on compute capability 9.0.
+    pub(crate) fn has_module(&self, module: &str) -> bool {
+        self.modules.contains_key(module)
     }
 
     /// Kernel `name` of module `module` (the `.cu` file stem), looked up once and cached.
