@@ -1,22 +1,28 @@
 // nvcc-arch: sm_90a
 //
-// Backend::gemm for decode-sized products (M = 17..256 tokens), out[m, n] = x[m, k] . w[n, k]^T,
-// with Hopper's tensor memory accelerator (TMA) and warpgroup MMA (wgmma, which needs sm_90a).
-// An alternative to cuBLASLt there (src/cuda/gemm.rs, `NANOVLLM_GEMM_TMA=1`): its point is
-// programmatic dependent launch. cuBLASLt's kernels read their inputs before they could wait
+// Backend::gemm for decode-sized products, out[m, n] = x[m, k] . w[n, k]^T, with Hopper's tensor
+// memory accelerator (TMA) and warpgroup MMA (wgmma, which needs sm_90a). src/cuda/gemm.rs runs
+// it instead of cuBLASLt for M = 17..64 (`NANOVLLM_GEMM_TMA=0` turns it off). Its point is
+// programmatic dependent launch: cuBLASLt's kernels read their inputs before they could wait
 // for their predecessor (docs/perf-notes.md, "cuBLASLt and programmatic dependent launch"), so
-// every one starts only once the kernel before it has drained; this one fetches its first
-// weight tiles (which no kernel writes) while the predecessor finishes, and waits only before
-// it loads x.
+// each starts only once the kernel before it has drained; this one fetches its first weight
+// tiles (which no kernel writes) while the predecessor finishes, and waits only before it loads
+// x.
 //
-// Layout: a CTA computes 64 output columns (64 weight rows, wgmma's M) for every token (wgmma's
-// N = NT, the token count rounded up to 16, 32, 64, 128 or 256), over the whole of K. Warps
-// 0-3 are the MMA warpgroup; one thread of warp 4 issues the loads. Each stage of the ring holds
-// a 64 x 64 tile of w and an NT x 64 tile of x (64 bf16 = 128 bytes of k per row, stored with
-// TMA's 128-byte swizzle, the layout wgmma's descriptors read), filled by two TMA loads that
-// complete on the stage's `full` barrier; the MMA warps release a stage on its `empty` barrier
-// once their MMAs of it are done. Rows and k beyond the tensors are filled with zeros by TMA.
-// The accumulators (f32) are rounded to bf16 and stored straight from registers.
+// Layout: a CTA computes 64 * WG output columns (weight rows, wgmma's M: 64 per warpgroup) for
+// every token (wgmma's N = NT, the token count rounded up to 16, 32, 64, 128 or 256). Warps
+// 0..4 WG - 1 are the MMA warpgroups; one thread of the last warp issues the loads. Each stage
+// of the ring holds a (64 * WG) x 64 tile of w and an NT x 64 tile of x (64 bf16 = 128 bytes of
+// k per row, stored with TMA's 128-byte swizzle, the layout wgmma's descriptors read), filled by
+// two TMA loads that complete on the stage's `full` barrier; the MMA warps release a stage on
+// its `empty` barrier once their MMAs of it are done. Rows and k beyond the tensors read as
+// zeros. Where a product has too few tiles to fill the GPU, the CTAs of a thread-block cluster
+// share a tile, each a contiguous range of K (split-K), and CTA 0 of the cluster adds the
+// others' f32 sums in rank order before it rounds to bf16 and stores from registers.
+//
+// WG = 1 is what the engine runs; WG = 2 (`NANOVLLM_GEMM_TMA_WG=2`, for M > 64, its split-K sums
+// through a global workspace) is an experiment that measured slower than cuBLASLt on the split
+// shapes (perf-notes.md).
 #include "common.cuh"
 
 #define W_ROWS 64
