@@ -1,8 +1,9 @@
 //! `Backend::gemm` on the GPU: `out[m, n] = x[m, k] . w[n, k]^T` in bf16 with f32
 //! accumulation, used by every linear layer (QKV, O, gate/up, down) and the LM head.
 //!
-//! Two paths, picked per call by the [`GemmPolicy`] (measured on an H100 in docs/perf-notes.md,
-//! "GEMM for decode shapes"):
+//! Three paths, picked per call by the [`GemmPolicy`] and the GPU (measured on an H100 in
+//! docs/perf-notes.md, "GEMM for decode shapes" and "A TMA + wgmma GEMM with programmatic
+//! dependent launch"):
 //!
 //! * **Skinny kernel** (`cuda/gemv.cu`) for decode: M up to [`GemmPolicy::skinny_max_m`] rows
 //!   (K a multiple of 8). There the product is one pass over the weight; the kernel streams it
@@ -10,6 +11,11 @@
 //!   workspace and no allocation, so it is captured into CUDA graphs as is. The launcher here
 //!   picks the kernel (M <= 8, 16, 32) and the warps per CTA ([`skinny_warps`]). At M = 1 it
 //!   takes 62-94% of the time cuBLASLt's heuristic choice does on the Qwen3 layers.
+//! * **TMA + wgmma kernel** (`cuda/gemm_tma.cu`, H100 / H200) for M = 17..[`TMA_MAX_M`]:
+//!   weight and x tiles loaded by TMA into a ring, warpgroup MMAs, split-K over a thread-block
+//!   cluster where the product has few tiles. Launched with programmatic dependent launch, it
+//!   fetches its first weight tiles while the previous kernel finishes. `NANOVLLM_GEMM_TMA=0`
+//!   leaves these sizes to cuBLASLt.
 //! * **cuBLASLt** for everything else. The trait's row-major product is, in cuBLAS's
 //!   column-major terms, `out^T = op(w^T) . x^T` with `op` = transpose: A = w (stored k x n,
 //!   ld k, transposed), B = x (stored k x m, ld k), C = D = out (n x m, ld n): the "TN" layout
@@ -256,7 +262,8 @@ fn tma_max_m() -> usize {
 
 /// MMA warpgroups of the TMA kernel for a product of `m` rows: one (64 weight rows per CTA) up
 /// to 64 tokens, two (128 rows, half the x traffic per weight row) above;
-/// `NANOVLLM_GEMM_TMA_WG` forces 1 or 2 (two only for 64 tokens and more).
+/// `NANOVLLM_GEMM_TMA_WG` forces 1 or 2 (two only above 32 tokens: the two-warpgroup kernels
+/// take tiles of 64 tokens or more).
 fn tma_warpgroups(m: usize) -> usize {
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
     let auto = if m > 64 { 2 } else { 1 };
@@ -267,7 +274,7 @@ fn tma_warpgroups(m: usize) -> usize {
     }
 }
 
-/// Weight rows (output columns) per CTA of `gemm_tma.cu`.
+/// Weight rows (output columns) per MMA warpgroup of `gemm_tma.cu` (wgmma's M).
 const TMA_W_ROWS: usize = 64;
 
 /// Most CTAs of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens that split one tile's K
