@@ -251,9 +251,11 @@ impl CudaBackend {
         let mut modules = HashMap::new();
         let mut machine_code = true;
         for &(name, ptx, cubin) in KERNEL_MODULES {
-            // Modules built for sm_90a (wgmma) load only on compute capability 9.0; elsewhere
-            // they are left out and their kernels are never picked (see `has_module`).
-            if !sm_90 && ptx.contains(".target sm_90a") {
+            // Modules built for sm_90a (wgmma) load only on compute capability 9.0; elsewhere,
+            // or where the driver refuses them, they are left out and their kernels are never
+            // picked (see `has_module`): they are faster paths, not needed ones.
+            let optional = ptx.contains(".target sm_90a");
+            if optional && !sm_90 {
                 continue;
             }
             // The machine code first where it fits the GPU; the PTX when there is none or the
@@ -263,12 +265,19 @@ impl CudaBackend {
                 .flatten();
             let module = match loaded {
                 Some(m) => m,
-                None => {
-                    machine_code = false;
-                    ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
-                        driver_err(&what(&format!("loading kernel module {name}")), e)
-                    })?
-                }
+                None => match ctx.load_module(Ptx::from_src(ptx)) {
+                    Ok(m) => {
+                        machine_code = false;
+                        m
+                    }
+                    Err(_) if optional => continue,
+                    Err(e) => {
+                        return Err(driver_err(
+                            &what(&format!("loading kernel module {name}")),
+                            e,
+                        ))
+                    }
+                },
             };
             modules.insert(name, module);
         }
