@@ -29,6 +29,21 @@ pub fn env_switch(name: &str, default: bool) -> bool {
     parse_switch(std::env::var(name).ok().as_deref(), default)
 }
 
+/// A count from the environment variable `name`: `default` when it is unset or empty, else its
+/// number; a value that is not a number is an error naming the variable and `what` it counts.
+pub fn env_count(name: &str, default: usize, what: &str) -> Result<usize> {
+    parse_count(name, std::env::var(name).ok().as_deref(), default, what)
+}
+
+fn parse_count(name: &str, value: Option<&str>, default: usize, what: &str) -> Result<usize> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| Error::Other(format!("{name}={v:?} is not a number of {what}"))),
+    }
+}
+
 fn parse_switch(value: Option<&str>, default: bool) -> bool {
     match value.map(str::trim) {
         None | Some("") => default,
@@ -38,7 +53,18 @@ fn parse_switch(value: Option<&str>, default: bool) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_switch;
+    use super::{parse_count, parse_switch};
+
+    #[test]
+    fn counts_read_unset_and_empty_as_the_default_and_refuse_what_is_not_a_number() {
+        assert_eq!(parse_count("N", None, 7, "rows").unwrap(), 7);
+        assert_eq!(parse_count("N", Some(" "), 7, "rows").unwrap(), 7);
+        assert_eq!(parse_count("N", Some(" 64 "), 7, "rows").unwrap(), 64);
+        let err = parse_count("N", Some("lots"), 7, "rows")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("N=\"lots\"") && err.contains("rows"), "{err}");
+    }
 
     #[test]
     fn switches_read_unset_and_empty_as_the_default_and_0_as_off() {

@@ -240,37 +240,70 @@ pub(super) fn gemm(
             })?;
         return skinny(be, *kernel, x, w, out, m, n, k);
     }
-    if tma_fits(be, m, n, k, x, w) {
+    if tma_fits(be, m, n, k, x, w)? {
         return tma_gemm(be, x, w, out, m, n, k);
     }
     be.blas.matmul(be, x, w, out, m, n, k)
 }
 
-/// Token tiles of `cuda/gemm_tma.cu` (wgmma's N): a product of M rows takes the first >= M.
-const TMA_TILES: [usize; 5] = [16, 32, 64, 128, 256];
+/// The kernels of `cuda/gemm_tma.cu`: (MMA warpgroups, token tile = wgmma's N, name). A
+/// product of M rows takes the first of its warpgroup count whose tile holds M.
+const TMA_KERNELS: [(usize, usize, &str); 8] = [
+    (1, 16, "gemm_tma_n16"),
+    (1, 32, "gemm_tma_n32"),
+    (1, 64, "gemm_tma_n64"),
+    (1, 128, "gemm_tma_n128"),
+    (1, 256, "gemm_tma_n256"),
+    (2, 64, "gemm_tma2_n64"),
+    (2, 128, "gemm_tma2_n128"),
+    (2, 256, "gemm_tma2_n256"),
+];
 
 /// The largest M `gemm` gives the TMA kernel. It beats cuBLASLt on most Qwen3-8B decode shapes
 /// up to M = 64 and loses above, where every CTA re-reads the whole x tile from L2 for its 64
 /// weight rows (docs/perf-notes.md, "A TMA + wgmma GEMM with programmatic dependent launch").
 const TMA_MAX_M: usize = 64;
 
-/// [`TMA_MAX_M`], or `NANOVLLM_GEMM_TMA_MAX_M` (up to 256) for experiments.
-fn tma_max_m() -> usize {
-    static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_MAX_M").map_or(TMA_MAX_M, |v| v.min(256)))
+/// The TMA kernel's switches, read once per process: `NANOVLLM_GEMM_TMA` (on unless `0`), and
+/// for experiments `NANOVLLM_GEMM_TMA_MAX_M` (the largest M, at most 256; default
+/// [`TMA_MAX_M`]), `NANOVLLM_GEMM_TMA_WG` (1 or 2 MMA warpgroups) and `NANOVLLM_GEMM_TMA_SPLIT`
+/// (CTAs per tile), where unset or 0 means the launcher's choice.
+struct TmaSettings {
+    enabled: bool,
+    max_m: usize,
+    warpgroups: usize,
+    split: usize,
+}
+
+/// The [`TmaSettings`]; a value that is not a number is an error naming its variable.
+fn tma_settings() -> Result<&'static TmaSettings> {
+    static SETTINGS: OnceLock<std::result::Result<TmaSettings, String>> = OnceLock::new();
+    SETTINGS
+        .get_or_init(|| {
+            let count = |var, default, what| {
+                nanovllm_utils::env_count(var, default, what).map_err(|e| e.to_string())
+            };
+            Ok(TmaSettings {
+                enabled: nanovllm_utils::env_switch("NANOVLLM_GEMM_TMA", true),
+                max_m: count("NANOVLLM_GEMM_TMA_MAX_M", TMA_MAX_M, "rows")?.min(256),
+                warpgroups: count("NANOVLLM_GEMM_TMA_WG", 0, "warpgroups (0: automatic)")?,
+                split: count("NANOVLLM_GEMM_TMA_SPLIT", 0, "CTAs per tile (0: automatic)")?,
+            })
+        })
+        .as_ref()
+        .map_err(|e| Error::Other(e.clone()))
 }
 
 /// MMA warpgroups of the TMA kernel for a product of `m` rows: one (64 weight rows per CTA) up
-/// to 64 tokens, two (128 rows, half the x traffic per weight row) above;
-/// `NANOVLLM_GEMM_TMA_WG` forces 1 or 2 (two only above 32 tokens: the two-warpgroup kernels
-/// take tiles of 64 tokens or more).
-fn tma_warpgroups(m: usize) -> usize {
-    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
-    let auto = if m > 64 { 2 } else { 1 };
-    match *FORCED.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_WG")) {
-        Some(2) if m > 32 => 2,
-        Some(1) => 1,
-        _ => auto,
+/// to 64 tokens, two (128 rows, half the x traffic per weight row) above; `forced` (1 or 2,
+/// else automatic) overrides it, two only above 32 tokens (the two-warpgroup kernels take
+/// tiles of 64 tokens or more).
+fn tma_warpgroups(forced: usize, m: usize) -> usize {
+    match forced {
+        2 if m > 32 => 2,
+        1 => 1,
+        _ if m > 64 => 2,
+        _ => 1,
     }
 }
 
@@ -303,20 +336,13 @@ fn tma_smem_bytes(nt: usize, wg: usize) -> usize {
     (ring / stage).min(16) * stage + recv + 1024
 }
 
-/// A number from the environment variable `var` (read once per process by the caller's
-/// `OnceLock`), for the TMA kernel's experiment switches.
-fn env_number(var: &str) -> Option<usize> {
-    std::env::var(var).ok().and_then(|v| v.parse().ok())
-}
-
-/// CTAs that share one 64-row tile of `gemm_tma` (a cluster, each a range of K): the most,
-/// up to the kernel's limit, that keep every tile's CTAs within one wave on the GPU and give
-/// each at least two k tiles; `NANOVLLM_GEMM_TMA_SPLIT` forces it (for checks and timing).
-fn tma_split(num_sms: usize, nt: usize, wg: usize, n: usize, k: usize) -> usize {
-    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+/// CTAs that share one tile of `gemm_tma` (a cluster, each a range of K): `forced` (at most the
+/// kernel's limit) when not 0, else the most, up to that limit, that keep every tile's CTAs
+/// within one wave on the GPU and give each at least two k tiles.
+fn tma_split(num_sms: usize, forced: usize, nt: usize, wg: usize, n: usize, k: usize) -> usize {
     let max = tma_max_split(nt, wg);
-    if let Some(s) = *FORCED.get_or_init(|| env_number("NANOVLLM_GEMM_TMA_SPLIT")) {
-        return s.clamp(1, max);
+    if forced > 0 {
+        return forced.min(max);
     }
     let (tiles, ktiles) = (n.div_ceil(TMA_W_ROWS * wg), k.div_ceil(64));
     (1..=max)
@@ -327,18 +353,18 @@ fn tma_split(num_sms: usize, nt: usize, wg: usize, n: usize, k: usize) -> usize 
 
 /// Whether `gemm` takes the TMA + wgmma kernel: unless `NANOVLLM_GEMM_TMA=0`, for M up to
 /// [`TMA_MAX_M`] (the skinny kernel keeps the smallest M its policy gives it), K a multiple of
-/// 8 and x, w
-/// 16-byte aligned (what TMA needs of a row-major bf16 matrix), on a GPU that loaded it.
-fn tma_fits(be: &CudaBackend, m: usize, n: usize, k: usize, x: u64, w: u64) -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_GEMM_TMA", true))
-        && m <= tma_max_m()
+/// 8 and x, w 16-byte aligned (what TMA needs of a row-major bf16 matrix), on a GPU that
+/// loaded it.
+fn tma_fits(be: &CudaBackend, m: usize, n: usize, k: usize, x: u64, w: u64) -> Result<bool> {
+    let s = tma_settings()?;
+    Ok(s.enabled
+        && m <= s.max_m
         && k.is_multiple_of(8)
         && x.is_multiple_of(16)
         && w.is_multiple_of(16)
         && i32::try_from(n).is_ok()
         && i32::try_from(k).is_ok()
-        && be.has_module("gemm_tma")
+        && be.has_module("gemm_tma"))
 }
 
 /// A TMA descriptor of a row-major `[rows, k]` bf16 matrix at `ptr`, read in boxes of 64 k by
@@ -374,7 +400,7 @@ fn tensor_map(ptr: u64, rows: usize, k: usize, box_rows: usize) -> Result<dsys::
     }
 }
 
-/// Queues `gemm_tma_n{nt}` (see [`tma_fits`]) for `out = x . w^T`.
+/// Queues the `gemm_tma.cu` kernel for `out = x . w^T` (see [`tma_fits`]).
 #[allow(clippy::too_many_arguments)]
 fn tma_gemm(
     be: &CudaBackend,
@@ -385,18 +411,13 @@ fn tma_gemm(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    let nt = *TMA_TILES
+    let settings = tma_settings()?;
+    let wg = tma_warpgroups(settings.warpgroups, m);
+    let &(_, nt, name) = TMA_KERNELS
         .iter()
-        .find(|&&t| m <= t)
-        .ok_or_else(|| Error::Other(format!("op gemm: m = {m} is beyond the TMA kernel")))?;
-    let wg = tma_warpgroups(m);
-    let name = if wg == 2 {
-        format!("gemm_tma2_n{}", nt.max(64))
-    } else {
-        format!("gemm_tma_n{nt}")
-    };
-    let nt = if wg == 2 { nt.max(64) } else { nt };
-    let f = be.func("gemm_tma", &name)?;
+        .find(|&&(g, t, _)| g == wg && m <= t)
+        .ok_or_else(|| Error::Other(format!("op gemm: m = {m} is beyond the TMA kernels")))?;
+    let f = be.func("gemm_tma", name)?;
     let smem = tma_smem_bytes(nt, wg);
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -405,16 +426,16 @@ fn tma_gemm(
     .map_err(|e| driver_err("gemm_tma: shared memory size", e))?;
     let tw = tensor_map(w, n, k, TMA_W_ROWS * wg)?;
     let tx = tensor_map(x, m, k, nt)?;
-    let split = tma_split(be.num_sms, nt, wg, n, k);
+    let split = tma_split(be.num_sms, settings.split, nt, wg, n, k);
     let tiles = n.div_ceil(TMA_W_ROWS * wg);
     // Two warpgroups hand split-K sums over in global memory: (split - 1) x nt / 2 floats per
-    // MMA thread and tile.
-    let ws_len = if wg == 2 && split > 1 {
-        (split - 1) * tiles * (nt / 2) * 256
+    // MMA thread and tile. One warpgroup never touches it (null).
+    let ws = if wg == 2 && split > 1 {
+        Some(be.scratch_f32((split - 1) * tiles * (nt / 2) * 256)?)
     } else {
-        1
+        None
     };
-    let ws = be.scratch_f32(ws_len)?;
+    let ws_ptr = ws.as_ref().map_or(0, |g| g.device_ptr(be.stream()).0);
     let cfg = LaunchConfig {
         grid_dim: ((tiles * split) as u32, 1, 1),
         block_dim: (128 * wg as u32 + 32, 1, 1),
@@ -423,20 +444,21 @@ fn tma_gemm(
     let (m, n, k) = (m as i32, n as i32, k as i32);
     // SAFETY: gemm_tma{,2}_n{nt}(TensorMap w, TensorMap x, bf16* out, float* ws, int m, int n,
     // int k): the maps describe the caller's w ([n, k]) and x ([m, k]), out holds m * n bf16
-    // (checked by the caller), ws the split-K sums, and m <= nt.
+    // (checked by the caller), ws the split-K sums where the kernel uses it (locked in `ws`
+    // until after the launch), and m <= nt.
     unsafe {
         Launch::new(be.stream(), &f)
             .arg_struct(&tw)
             .arg_struct(&tx)
             .arg(&out)
-            .arg(&*ws)
+            .arg(&ws_ptr)
             .arg(&m)
             .arg(&n)
             .arg(&k)
             .cluster(split as u32)
             .launch(cfg)
     }
-    .map_err(|e| driver_err(&name, e))
+    .map_err(|e| driver_err(name, e))
 }
 
 /// `Backend::silu_and_mul_gemm` fused into one skinny kernel (`gemv_m8_silu`), when it applies:
@@ -899,16 +921,7 @@ mod tests {
     /// ring of at least three stages.
     #[test]
     fn tma_kernels_fit_shared_memory() {
-        for (nt, wg) in [
-            (16, 1),
-            (32, 1),
-            (64, 1),
-            (128, 1),
-            (256, 1),
-            (64, 2),
-            (128, 2),
-            (256, 2),
-        ] {
+        for (wg, nt, _) in TMA_KERNELS {
             let bytes = tma_smem_bytes(nt, wg);
             assert!(bytes <= 227 * 1024, "n{nt} x{wg}: {bytes} bytes");
             let stage = (TMA_W_ROWS * wg + nt) * 128;
@@ -928,13 +941,13 @@ mod tests {
     /// within one wave, and leaves shapes with enough tiles (or too short a K) whole.
     #[test]
     fn tma_split_fills_one_wave() {
-        let split = |n, k| tma_split(132, 64, 1, n, k);
+        let split = |n, k| tma_split(132, 0, 64, 1, n, k);
         assert_eq!(split(4096, 2048), 2); // o: 64 tiles
         assert_eq!(split(3072, 4096), 2); // qkv: 48 tiles
         assert_eq!(split(12_288, 4096), 1); // gate_up: 192 tiles
         assert_eq!(split(1024, 3072), 4); // Qwen3-0.6B down: 16 tiles, the kernel's most
         assert_eq!(split(1024, 128), 1); // two k tiles: nothing to split
-        assert_eq!(tma_split(132, 128, 2, 4096, 2048), 4); // 32 tiles of 128 rows
+        assert_eq!(tma_split(132, 0, 128, 2, 4096, 2048), 4); // 32 tiles of 128 rows
     }
 
     /// The launch shapes measured on an H100 (132 SMs): one batch per warp for the Qwen3-0.6B

@@ -47,17 +47,6 @@ pub const NCCL_ID_BYTES: usize = 128;
 /// part's exchange (16 MiB at Qwen3-8B's width) is what stays exposed at the end.
 pub const OVERLAP_ROWS: usize = 2048;
 
-/// A count from environment variable `var`, `default` when unset or empty.
-fn env_count(var: &str, default: usize, what: &str) -> Result<usize> {
-    match std::env::var(var) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|_| Error::Other(format!("{var}={v:?} is not a number of {what}"))),
-        _ => Ok(default),
-    }
-}
-
 /// The copy-engine all-reduce of [`Overlap`]: set up by the first call that needs it (every
 /// rank makes the same calls, so every rank sets it up at the same one), again when a larger
 /// message comes, and off for good when a rank could not set it up.
@@ -235,7 +224,7 @@ impl NcclComm {
         if wanted && size > 1 {
             nccl.custom = nccl.setup_custom(be)?;
         }
-        let rows = env_count(
+        let rows = nanovllm_utils::env_count(
             "NANOVLLM_AR_OVERLAP_ROWS",
             OVERLAP_ROWS,
             "rows (0: no overlap)",
