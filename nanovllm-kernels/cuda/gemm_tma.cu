@@ -27,7 +27,6 @@
 
 #define W_ROWS 64
 #define K_TILE 64
-#define SMEM_BUDGET (224 * 1024)
 #define MAX_STAGES 16
 
 // A CUtensorMap made on the host (cuTensorMapEncodeTiled), passed by value.
@@ -36,18 +35,16 @@ struct alignas(64) TensorMap {
 };
 
 // Shared memory of a kernel with WG MMA warpgroups (64 * WG weight rows) and NT tokens (mirrored
-// by tma_smem_bytes in src/cuda/gemm.rs): the ring, then, with one warpgroup, the receive area
-// of split-K (the f32 accumulators of up to MAX_SPLIT - 1 other CTAs; with two, those go
-// through a global workspace), within SMEM_BUDGET with 1 KiB to align the ring.
+// by tma_smem_bytes in src/cuda/gemm.rs): the ring of `stages` stages (a launch argument: the
+// launcher sizes it to its shared-memory budget, at most MAX_STAGES), then, with one warpgroup,
+// the receive area of split-K (the f32 accumulators of up to MAX_SPLIT - 1 other CTAs; with
+// two, those go through a global workspace), with 1 KiB to align the ring.
 template <int NT, int WG>
 struct TmaCfg {
     static constexpr int W_BYTES = W_ROWS * WG * K_TILE * 2;
     static constexpr int X_BYTES = NT * K_TILE * 2;
     static constexpr int STAGE = W_BYTES + X_BYTES;
     static constexpr int MAX_SPLIT = WG == 2 ? 8 : NT <= 64 ? 4 : 2;
-    static constexpr int RECV = WG == 2 ? 0 : (MAX_SPLIT - 1) * 64 * NT * 4;
-    static constexpr int RING = SMEM_BUDGET - RECV - 1024;
-    static constexpr int STAGES = RING / STAGE > MAX_STAGES ? MAX_STAGES : RING / STAGE;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -173,13 +170,13 @@ __device__ __forceinline__ void wgmma_bf16<256>(float* d, uint64_t a, uint64_t b
 
 template <int NT, int WG>
 __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorMap* tx, bf16* out, float* ws, int m,
-                                              int n, int k) {
+                                              int n, int k, int stages) {
     using C = TmaCfg<NT, WG>;
     constexpr int MT = 128 * WG;  // MMA threads
     extern __shared__ uint8_t smem_raw[];
     __shared__ uint64_t full_bar[MAX_STAGES], empty_bar[MAX_STAGES], recv_bar;
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    float* recv = reinterpret_cast<float*>(smem + C::STAGES * C::STAGE);
+    float* recv = reinterpret_cast<float*>(smem + stages * C::STAGE);
     const int tid = threadIdx.x;
     // Split-K: the CTAs of a cluster share one tile of 64 * WG rows, each a contiguous range of
     // k tiles; CTA 0 of the cluster adds the others' sums (in rank order) and stores the tile.
@@ -194,7 +191,7 @@ __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorM
 
     pdl_launch_dependents();
     if (tid == 0) {
-        for (int s = 0; s < C::STAGES; ++s) {
+        for (int s = 0; s < stages; ++s) {
             mbar_init(&full_bar[s], 1);
             mbar_init(&empty_bar[s], 4 * WG);  // one arrival per MMA warp
         }
@@ -212,7 +209,7 @@ __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorM
         if (tid == MT) {
             asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tw)) : "memory");
             asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tx)) : "memory");
-            const int first = ktiles < C::STAGES ? ktiles : C::STAGES;
+            const int first = ktiles < stages ? ktiles : stages;
             // The weight needs no wait: no kernel writes it.
             for (int kt = 0; kt < first; ++kt) {
                 mbar_expect_tx(&full_bar[kt], C::STAGE);
@@ -220,12 +217,14 @@ __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorM
             }
             pdl_wait();
             for (int kt = 0; kt < first; ++kt) tma_load(x_tile(kt), tx, (kbegin + kt) * K_TILE, 0, &full_bar[kt]);
-            for (int kt = first; kt < ktiles; ++kt) {
-                const int s = kt % C::STAGES;
-                mbar_wait(&empty_bar[s], ((kt / C::STAGES) - 1) & 1);
+            // Stage s of k tile kt is refilled once the MMAs released its previous use (tile
+            // kt - stages), the (kt / stages - 1)-th completion of its `empty` barrier.
+            for (int kt = first, s = 0, phase = 0; kt < ktiles; ++kt) {
+                mbar_wait(&empty_bar[s], phase);
                 mbar_expect_tx(&full_bar[s], C::STAGE);
                 tma_load(w_tile(s), tw, (kbegin + kt) * K_TILE, n0, &full_bar[s]);
                 tma_load(x_tile(s), tx, (kbegin + kt) * K_TILE, 0, &full_bar[s]);
+                if (++s == stages) s = 0, phase ^= 1;
             }
         } else {
             pdl_wait();
@@ -237,17 +236,21 @@ __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorM
     float acc[NT / 2];
 #pragma unroll
     for (int i = 0; i < NT / 2; ++i) acc[i] = 0.f;
-    for (int kt = 0; kt < ktiles; ++kt) {
-        const int s = kt % C::STAGES;
-        mbar_wait(&full_bar[s], (kt / C::STAGES) & 1);
+    // One k tile's MMAs stay in flight while the next tile's are issued (wgmma.wait_group 1);
+    // a stage is released once the MMAs that read it are done.
+    for (int kt = 0, s = 0, phase = 0, prev = -1; kt < ktiles; ++kt) {
+        mbar_wait(&full_bar[s], phase);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
         const uint32_t wa = smem_u32(w_tile(s)) + (tid >> 7) * (W_ROWS * K_TILE * 2), xa = smem_u32(x_tile(s));
 #pragma unroll
         for (int kk = 0; kk < K_TILE / 16; ++kk) wgmma_bf16<NT>(acc, sw128_desc(wa + kk * 32), sw128_desc(xa + kk * 32));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        if ((tid & 31) == 0) mbar_arrive(&empty_bar[s]);
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        if (prev >= 0 && (tid & 31) == 0) mbar_arrive(&empty_bar[prev]);
+        prev = s;
+        if (++s == stages) s = 0, phase ^= 1;
     }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 
     if (split > 1) {
         // The other CTAs' sums, per CTA r (1..split-1) NT / 2 of each MMA thread t at
@@ -303,8 +306,8 @@ __device__ __forceinline__ void gemm_tma_body(const TensorMap* tw, const TensorM
 #define GEMM_TMA(NAME, NT, WG)                                                                            \
     extern "C" __global__ void __launch_bounds__(128 * WG + 32, 1)                                        \
         NAME(const __grid_constant__ TensorMap tw, const __grid_constant__ TensorMap tx, bf16* out, float* ws, \
-             int m, int n, int k) {                                                                       \
-        gemm_tma_body<NT, WG>(&tw, &tx, out, ws, m, n, k);                                                \
+             int m, int n, int k, int stages) {                                                           \
+        gemm_tma_body<NT, WG>(&tw, &tx, out, ws, m, n, k, stages);                                        \
     }
 
 GEMM_TMA(gemm_tma_n16, 16, 1)

@@ -260,19 +260,26 @@ const TMA_KERNELS: [(usize, usize, &str); 8] = [
 ];
 
 /// The largest M `gemm` gives the TMA kernel. It beats cuBLASLt on most Qwen3-8B decode shapes
-/// up to M = 64 and loses above, where every CTA re-reads the whole x tile from L2 for its 64
-/// weight rows (docs/perf-notes.md, "A TMA + wgmma GEMM with programmatic dependent launch").
+/// up to M = 64, is within ~1 us of it at M = 128 and up to 2x slower at 256, where every CTA
+/// re-reads the whole x tile from L2 for its 64 weight rows (docs/perf-notes.md, "A TMA + wgmma
+/// GEMM with programmatic dependent launch" and "Decode attention's balance").
 const TMA_MAX_M: usize = 64;
+
+/// Dynamic shared memory budget of one `gemm_tma` CTA in KiB.
+const TMA_SMEM_KB: usize = 224;
 
 /// The TMA kernel's switches, read once per process: `NANOVLLM_GEMM_TMA` (on unless `0`), and
 /// for experiments `NANOVLLM_GEMM_TMA_MAX_M` (the largest M, at most 256; default
 /// [`TMA_MAX_M`]), `NANOVLLM_GEMM_TMA_WG` (1 or 2 MMA warpgroups) and `NANOVLLM_GEMM_TMA_SPLIT`
-/// (CTAs per tile), where unset or 0 means the launcher's choice.
+/// (CTAs per tile), where unset or 0 means the launcher's choice, and
+/// `NANOVLLM_GEMM_TMA_SMEM_KB` (the dynamic shared-memory budget of a CTA, 64..227 KiB; default
+/// [`TMA_SMEM_KB`]).
 struct TmaSettings {
     enabled: bool,
     max_m: usize,
     warpgroups: usize,
     split: usize,
+    smem_budget: usize,
 }
 
 /// The [`TmaSettings`]; a value that is not a number is an error naming its variable.
@@ -288,21 +295,26 @@ fn tma_settings() -> Result<&'static TmaSettings> {
                 max_m: count("NANOVLLM_GEMM_TMA_MAX_M", TMA_MAX_M, "rows")?.min(256),
                 warpgroups: count("NANOVLLM_GEMM_TMA_WG", 0, "warpgroups (0: automatic)")?,
                 split: count("NANOVLLM_GEMM_TMA_SPLIT", 0, "CTAs per tile (0: automatic)")?,
+                smem_budget: count("NANOVLLM_GEMM_TMA_SMEM_KB", TMA_SMEM_KB, "KiB")?.clamp(64, 227)
+                    * 1024,
             })
         })
         .as_ref()
         .map_err(|e| Error::Other(e.clone()))
 }
 
-/// MMA warpgroups of the TMA kernel for a product of `m` rows: one (64 weight rows per CTA) up
-/// to 64 tokens, two (128 rows, half the x traffic per weight row) above; `forced` (1 or 2,
-/// else automatic) overrides it, two only above 32 tokens (the two-warpgroup kernels take
-/// tiles of 64 tokens or more).
-fn tma_warpgroups(forced: usize, m: usize) -> usize {
+/// MMA warpgroups of the TMA kernel for a product of `m` rows and `n` weight rows on a GPU of
+/// `num_sms` SMs: two (128 weight rows per CTA, half the x traffic per weight row) above 64
+/// tokens when the 128-row tiles alone give at least two thirds of the SMs a CTA, else one (64
+/// rows, split-K through distributed shared memory where the tiles are few; the two-warpgroup
+/// kernel's split-K goes through a global workspace and measured slow). `forced` (1 or 2, else
+/// automatic) overrides it, two only above 32 tokens (the two-warpgroup kernels take tiles of
+/// 64 tokens or more).
+fn tma_warpgroups(forced: usize, m: usize, n: usize, num_sms: usize) -> usize {
     match forced {
         2 if m > 32 => 2,
         1 => 1,
-        _ if m > 64 => 2,
+        _ if m > 64 && 3 * n.div_ceil(2 * TMA_W_ROWS) >= 2 * num_sms => 2,
         _ => 1,
     }
 }
@@ -320,20 +332,32 @@ fn tma_max_split(nt: usize, wg: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens (`TmaCfg` in
-/// the kernel): with one warpgroup the receive area of split-K (the f32 sums of up to
-/// `tma_max_split - 1` other CTAs; two use a global workspace), a ring of as many 64-wide k
-/// stages of a (64 * wg)-row weight tile and an nt-row x tile as fit in the rest of 224 KiB (at
-/// most 16), and 1 KiB to align the ring to 1,024 bytes.
-fn tma_smem_bytes(nt: usize, wg: usize) -> usize {
-    let stage = (TMA_W_ROWS * wg + nt) * 64 * 2;
-    let recv = if wg == 1 {
+/// Bytes of `gemm_tma`'s split-K receive area with `wg` MMA warpgroups and `nt` tokens: with
+/// one warpgroup the f32 sums of up to `tma_max_split - 1` other CTAs; two use a global
+/// workspace.
+fn tma_recv_bytes(nt: usize, wg: usize) -> usize {
+    if wg == 1 {
         (tma_max_split(nt, wg) - 1) * 64 * nt * 4
     } else {
         0
-    };
-    let ring = 224 * 1024 - recv - 1024;
-    (ring / stage).min(16) * stage + recv + 1024
+    }
+}
+
+/// Ring stages of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens within a dynamic
+/// shared-memory budget of `budget` bytes: as many 64-wide k stages of a (64 * wg)-row weight
+/// tile and an nt-row x tile as fit beside the receive area and 1 KiB of alignment, at most 16
+/// (`MAX_STAGES` in the kernel), at least 2.
+fn tma_stages(nt: usize, wg: usize, budget: usize) -> usize {
+    let stage = (TMA_W_ROWS * wg + nt) * 64 * 2;
+    let ring = budget.saturating_sub(tma_recv_bytes(nt, wg) + 1024);
+    (ring / stage).clamp(2, 16)
+}
+
+/// Dynamic shared memory of `gemm_tma` with `wg` MMA warpgroups, `nt` tokens and `stages` ring
+/// stages (`TmaCfg` in the kernel): the ring, the receive area, 1 KiB to align the ring to
+/// 1,024 bytes.
+fn tma_smem_bytes(nt: usize, wg: usize, stages: usize) -> usize {
+    stages * (TMA_W_ROWS * wg + nt) * 64 * 2 + tma_recv_bytes(nt, wg) + 1024
 }
 
 /// CTAs that share one tile of `gemm_tma` (a cluster, each a range of K): `forced` (at most the
@@ -412,13 +436,14 @@ fn tma_gemm(
     k: usize,
 ) -> Result<()> {
     let settings = tma_settings()?;
-    let wg = tma_warpgroups(settings.warpgroups, m);
+    let wg = tma_warpgroups(settings.warpgroups, m, n, be.num_sms);
     let &(_, nt, name) = TMA_KERNELS
         .iter()
         .find(|&&(g, t, _)| g == wg && m <= t)
         .ok_or_else(|| Error::Other(format!("op gemm: m = {m} is beyond the TMA kernels")))?;
     let f = be.func("gemm_tma", name)?;
-    let smem = tma_smem_bytes(nt, wg);
+    let stages = tma_stages(nt, wg, settings.smem_budget);
+    let smem = tma_smem_bytes(nt, wg, stages);
     f.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
@@ -441,11 +466,12 @@ fn tma_gemm(
         block_dim: (128 * wg as u32 + 32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let (m, n, k) = (m as i32, n as i32, k as i32);
+    let (m, n, k, stages) = (m as i32, n as i32, k as i32, stages as i32);
     // SAFETY: gemm_tma{,2}_n{nt}(TensorMap w, TensorMap x, bf16* out, float* ws, int m, int n,
-    // int k): the maps describe the caller's w ([n, k]) and x ([m, k]), out holds m * n bf16
-    // (checked by the caller), ws the split-K sums where the kernel uses it (locked in `ws`
-    // until after the launch), and m <= nt.
+    // int k, int stages): the maps describe the caller's w ([n, k]) and x ([m, k]), out holds
+    // m * n bf16 (checked by the caller), ws the split-K sums where the kernel uses it (locked
+    // in `ws` until after the launch), m <= nt, and the shared memory holds `stages` (2..=16)
+    // stages beside the receive area.
     unsafe {
         Launch::new(be.stream(), &f)
             .arg_struct(&tw)
@@ -455,6 +481,7 @@ fn tma_gemm(
             .arg(&m)
             .arg(&n)
             .arg(&k)
+            .arg(&stages)
             .cluster(split as u32)
             .launch(cfg)
     }
@@ -922,19 +949,33 @@ mod tests {
     #[test]
     fn tma_kernels_fit_shared_memory() {
         for (wg, nt, _) in TMA_KERNELS {
-            let bytes = tma_smem_bytes(nt, wg);
+            let stages = tma_stages(nt, wg, TMA_SMEM_KB * 1024);
+            let bytes = tma_smem_bytes(nt, wg, stages);
             assert!(bytes <= 227 * 1024, "n{nt} x{wg}: {bytes} bytes");
-            let stage = (TMA_W_ROWS * wg + nt) * 128;
-            let recv = if wg == 1 {
-                (tma_max_split(nt, wg) - 1) * 64 * nt * 4
-            } else {
-                0
-            };
-            assert!(
-                (bytes - recv - 1024) / stage >= 3,
-                "n{nt} x{wg}: too few stages"
-            );
+            assert!(stages >= 3, "n{nt} x{wg}: too few stages");
+            // A smaller budget gives fewer stages, never more bytes than it allows (down to
+            // the two stages the ring needs).
+            let small = tma_stages(nt, wg, 160 * 1024);
+            assert!(small <= stages);
+            assert!(small == 2 || tma_smem_bytes(nt, wg, small) <= 160 * 1024);
         }
+    }
+
+    /// Two warpgroups only above 64 tokens and for weights whose 128-row tiles fill the GPU
+    /// without split-K (Qwen3-8B's gate_up and LM head at tp 1 and tp 2 on 132 SMs), one for
+    /// the rest; a forced count wins where its kernels exist.
+    #[test]
+    fn tma_warpgroups_take_two_only_for_wide_weights_above_64_tokens() {
+        let wg = |m, n| tma_warpgroups(0, m, n, 132);
+        assert_eq!(wg(64, 24_576), 1);
+        assert_eq!(wg(65, 24_576), 2); // gate_up: 192 tiles
+        assert_eq!(wg(256, 12_288), 2); // tp 2 gate_up: 96 tiles
+        assert_eq!(wg(128, 151_936), 2); // LM head
+        assert_eq!(wg(256, 4096), 1); // o, down: 32 tiles
+        assert_eq!(wg(256, 6144), 1); // qkv: 48 tiles
+        assert_eq!(tma_warpgroups(2, 64, 4096, 132), 2);
+        assert_eq!(tma_warpgroups(2, 32, 4096, 132), 1);
+        assert_eq!(tma_warpgroups(1, 256, 24_576, 132), 1);
     }
 
     /// Split-K spreads the few tiles of the Qwen3-8B tp 2 shapes over the 132 SMs of an H100
