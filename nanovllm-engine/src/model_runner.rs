@@ -906,6 +906,26 @@ impl<B: Backend> ModelRunner<B> {
     /// One step: prefill chunks or one decode token per sequence; one sampled token per
     /// sequence comes back.
     pub fn run_step(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
+        if is_prefill || !longest_first_enabled() || is_longest_first(seqs) {
+            return self.run_step_in_order(seqs, is_prefill);
+        }
+        // Decode attention gives each sequence its own CTAs, which the GPU starts in batch
+        // order; with the longest contexts first, the short ones fill in behind them instead
+        // of leaving a long one to run on after the rest (docs/perf-notes.md, "Decode
+        // attention's balance"). The tokens go back in the caller's order.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let sorted: Vec<&Sequence> = order.iter().map(|&i| seqs[i]).collect();
+        let tokens = self.run_step_in_order(&sorted, false)?;
+        let mut out = vec![0; tokens.len()];
+        for (&i, &t) in order.iter().zip(&tokens) {
+            out[i] = t;
+        }
+        Ok(out)
+    }
+
+    /// [`Self::run_step`] with the batch in the order given.
+    fn run_step_in_order(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
         let n = seqs.len();
         let t0 = Instant::now();
         let prepared_before = self.profile.prepare_seconds;
@@ -1024,6 +1044,18 @@ impl<B: Backend> StepRunner for ModelRunner<B> {
             .map(WorkerGroup::pids)
             .unwrap_or_default()
     }
+}
+
+/// Whether a decode batch runs with its longest contexts first (`NANOVLLM_DECODE_LONGEST_FIRST`,
+/// on unless `0`).
+fn longest_first_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_DECODE_LONGEST_FIRST", true))
+}
+
+/// Whether no sequence of `seqs` is longer than the one before it.
+fn is_longest_first(seqs: &[&Sequence]) -> bool {
+    seqs.windows(2).all(|w| w[0].len() >= w[1].len())
 }
 
 /// `dst` = the `T`s in plain bytes (reusing its allocation); an error when they are not a

@@ -170,6 +170,43 @@ fn bad_requests_are_refused_and_the_engine_keeps_serving() {
     }
 }
 
+/// The model runner runs a decode batch with its longest contexts first and hands the tokens
+/// back in the batch's own order: prompts given shortest first and longest first must each get
+/// exactly the tokens they get alone (the CPU backend computes every row on its own, so a
+/// sequence's tokens do not depend on its batch).
+#[test]
+fn decode_batches_in_any_length_order_give_each_sequence_its_own_tokens() {
+    let cases = cases();
+    let n = cases[0].greedy.len();
+    let mut llm = llm(|_| {});
+    let alone: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| {
+            let out = llm
+                .generate(&[Prompt::Tokens(c.prompt.clone())], &[greedy(n)], false)
+                .unwrap();
+            out[0].token_ids.clone()
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..cases.len()).collect();
+    order.sort_by_key(|&i| cases[i].prompt.len());
+    for pass in ["shortest first", "longest first"] {
+        let batch: Vec<Prompt> = order
+            .iter()
+            .map(|&i| Prompt::Tokens(cases[i].prompt.clone()))
+            .collect();
+        let outputs = llm.generate(&batch, &[greedy(n)], false).unwrap();
+        for (out, &i) in outputs.iter().zip(&order) {
+            assert_eq!(
+                out.prompt_token_ids, cases[i].prompt,
+                "{pass}: prompt order"
+            );
+            assert_eq!(out.token_ids, alone[i], "{pass}: prompt {i}'s tokens");
+        }
+        order.reverse();
+    }
+}
+
 #[test]
 fn seeded_sampling_is_reproducible_at_any_batch_position() {
     let cases = cases();

@@ -173,6 +173,29 @@ pub(crate) fn decode_splits(
     }
 }
 
+/// Waves of resident CTAs decode attention aims for: splits are added until `num_seqs *
+/// num_kv_heads * splits` fills this many. One wave is enough when every context is equally
+/// long; with the mixed lengths of real batches a CTA per sequence leaves the SMs that got
+/// short contexts idle while the longest run on, and more, shorter CTAs even that out (a long
+/// context is cut into more splits, a short one keeps its one): two waves measured best on the
+/// Qwen3-8B workload (docs/perf-notes.md, "Decode attention's balance").
+/// `NANOVLLM_ATTN_WAVES` overrides it.
+const DECODE_WAVES: usize = 2;
+
+/// [`DECODE_WAVES`], or `NANOVLLM_ATTN_WAVES` where set (an error when it is not a number).
+fn decode_waves() -> Result<usize> {
+    static WAVES: std::sync::OnceLock<std::result::Result<usize, String>> =
+        std::sync::OnceLock::new();
+    WAVES
+        .get_or_init(|| {
+            nanovllm_utils::env_count("NANOVLLM_ATTN_WAVES", DECODE_WAVES, "waves")
+                .map(|w| w.max(1))
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(Error::Other)
+}
+
 /// Decode kernels by head size (64, 128) and group size (1..=8): `attn_decode_hd{d}_g{g}`.
 const DECODE_KERNELS: [[&str; 8]; 2] = [
     [
@@ -271,7 +294,7 @@ pub(crate) fn decode_attention(
             .max(1);
         cached.store(ctas_per_sm, Ordering::Relaxed);
     }
-    let wave = be.num_sms() * ctas_per_sm as usize;
+    let wave = be.num_sms() * ctas_per_sm as usize * decode_waves()?;
     let splits = decode_splits(
         num_seqs,
         attn.num_kv_heads,
