@@ -904,7 +904,8 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     /// One step: prefill chunks or one decode token per sequence; one sampled token per
-    /// sequence comes back.
+    /// sequence comes back, in the order of `seqs`. A decode batch runs with its longest
+    /// contexts first (`NANOVLLM_DECODE_LONGEST_FIRST=0` keeps the given order).
     pub fn run_step(&mut self, seqs: &[&Sequence], is_prefill: bool) -> Result<Vec<u32>> {
         if is_prefill || !longest_first_enabled() || is_longest_first(seqs) {
             return self.run_step_in_order(seqs, is_prefill);
