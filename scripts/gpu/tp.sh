@@ -19,7 +19,9 @@
 #   hf      scripts/gpu/hf_compare.py with --tp 2 (quick: one config)
 #   bench   `nanovllm bench` (bench.py's workload) at tp 1 and tp 2 (and tp 2 on NCCL alone),
 #           Qwen3-0.6B and Qwen3-8B; an entry `2@R` of TP_BENCH_TPS runs tp 2 with
-#           NANOVLLM_AR_OVERLAP_ROWS=R (0: the prefill's all-reduces not overlapped)
+#           NANOVLLM_AR_OVERLAP_ROWS=R (0: the prefill's all-reduces not overlapped);
+#           TP_BENCH_ROUNDS=R repeats the tp 1 / tp 2 pair R times and prints each round's
+#           tp 2 / tp 1 and their mean, min and max (the ratio moves ~1 % from run to run)
 #   steps   decode step time of dummy Qwen3-8B at batch 1, 16 and 256 (fixed lengths: 512-token
 #           prompts, 128 new tokens) at tp 1, tp 2 and tp 2 on NCCL alone: where tp 2 loses
 #   ar      gpu/bin/ar_bench: the collectives alone, per call, at decode sizes (one-shot and
@@ -160,22 +162,33 @@ if has hf; then
 fi
 
 if has bench; then
+    rounds="${TP_BENCH_ROUNDS:-1}"
     for model in ${TP_BENCH_MODELS:-qwen3-0.6b qwen3-8b}; do
-        for tp in ${TP_BENCH_TPS:-1 2 2nccl}; do
-            f="$out/bench-$model-tp$tp.json"
-            car=1; [ "$tp" = 2nccl ] && car=0
-            rows=()
-            [[ "$tp" == *@* ]] && rows=("NANOVLLM_AR_OVERLAP_ROWS=${tp#*@}")
-            n="${tp%nccl}"
-            if env NANOVLLM_CUSTOM_ALLREDUCE=$car "${rows[@]}" timeout 300 "$bin" bench --model "$model" --tp "${n%@*}" --json >"$f" 2>"$out/bench-$model-tp$tp.err"; then
-                summary+=("$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\"bench {sys.argv[2]} tp{sys.argv[3]}: {j['output_tokens_per_second']:.0f} tok/s, prefill {j['prefill_seconds']:.2f} s, decode {j['decode_seconds']:.2f} s, cold start {j['cold_start_seconds']:.1f} s\")" "$f" "$model" "$tp")")
-            else
-                status=1; summary+=("bench $model tp$tp: FAIL"); tail -5 "$out/bench-$model-tp$tp.err"
+        ratios=()
+        for r in $(seq 1 "$rounds"); do
+            sfx=""; [ "$rounds" -gt 1 ] && sfx="-r$r"
+            for tp in ${TP_BENCH_TPS:-1 2 2nccl}; do
+                f="$out/bench-$model-tp$tp$sfx.json"
+                car=1; [ "$tp" = 2nccl ] && car=0
+                rows=()
+                [[ "$tp" == *@* ]] && rows=("NANOVLLM_AR_OVERLAP_ROWS=${tp#*@}")
+                n="${tp%nccl}"
+                if env NANOVLLM_CUSTOM_ALLREDUCE=$car "${rows[@]}" timeout 300 "$bin" bench --model "$model" --tp "${n%@*}" --json >"$f" 2>"$out/bench-$model-tp$tp$sfx.err"; then
+                    summary+=("$(python3 -c "import json,sys; j=json.load(open(sys.argv[1])); print(f\"bench {sys.argv[2]} tp{sys.argv[3]}{sys.argv[4]}: {j['output_tokens_per_second']:.0f} tok/s, prefill {j['prefill_seconds']:.2f} s, decode {j['decode_seconds']:.2f} s, cold start {j['cold_start_seconds']:.1f} s\")" "$f" "$model" "$tp" "$sfx")")
+                else
+                    status=1; summary+=("bench $model tp$tp$sfx: FAIL"); tail -5 "$out/bench-$model-tp$tp$sfx.err"
+                fi
+            done
+            if ratio=$(python3 -c "import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); print(f'{b[\"output_tokens_per_second\"]/a[\"output_tokens_per_second\"]:.3f}')" \
+                "$out/bench-$model-tp1$sfx.json" "$out/bench-$model-tp2$sfx.json" 2>/dev/null); then
+                ratios+=("$ratio")
+                summary+=("$model: tp2/tp1 = $ratio${sfx:+ (round ${sfx#-r})}")
             fi
         done
-        python3 -c "import json,sys; a=json.load(open(sys.argv[1])); b=json.load(open(sys.argv[2])); print(f'{sys.argv[3]}: tp2/tp1 = {b[\"output_tokens_per_second\"]/a[\"output_tokens_per_second\"]:.3f}')" \
-            "$out/bench-$model-tp1.json" "$out/bench-$model-tp2.json" "$model" >"$out/ratio-$model.txt" 2>/dev/null \
-            && summary+=("$(cat "$out/ratio-$model.txt")")
+        # Rounds alternate tp 1 and tp 2 on the same machine; their spread is the run-to-run noise.
+        if [ "${#ratios[@]}" -gt 1 ]; then
+            summary+=("$(python3 -c "import sys; r=[float(x) for x in sys.argv[2:]]; print(f'{sys.argv[1]}: tp2/tp1 over {len(r)} rounds: mean {sum(r)/len(r):.3f}, min {min(r):.3f}, max {max(r):.3f}')" "$model" "${ratios[@]}")")
+        fi
     done
 fi
 
