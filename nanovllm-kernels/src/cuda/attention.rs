@@ -144,11 +144,12 @@ pub(crate) struct DecodeSplits {
 /// Picks the split of a decode call. A function of its arguments alone, so that a CUDA graph
 /// captured with `max_context_len = max_model_len` stays valid for every shorter context.
 ///
-/// `base` CTAs (one per sequence and kv head) are enough when they fill a wave
-/// (`wave = num_sms * ctas_per_sm` resident CTAs); otherwise each context is cut into as many
-/// splits as keep the CTA count within one wave (never splits shorter than
-/// [`MIN_SPLIT_TOKENS`]), since decode is bound by memory bandwidth and a wave is what keeps
-/// every SM's loads in flight.
+/// `base` CTAs (one per sequence and kv head) are enough when they reach `wave`, the CTAs to
+/// aim for (`num_sms * ctas_per_sm` resident CTAs times [`DECODE_WAVES`]); otherwise each
+/// context is cut into as many splits as keep the CTA count within `wave` (never splits
+/// shorter than [`MIN_SPLIT_TOKENS`]), since decode is bound by memory bandwidth: a full wave
+/// keeps every SM's loads in flight, and a second one lets SMs that drew short contexts take
+/// more work.
 pub(crate) fn decode_splits(
     num_seqs: usize,
     num_kv_heads: usize,
