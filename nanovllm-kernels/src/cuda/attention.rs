@@ -534,6 +534,23 @@ mod tests {
         assert!(s.tokens_per_split >= 1024);
     }
 
+    /// Two waves (the default) split the contexts of a tp 2 rank of Qwen3-8B (4 KV heads) at
+    /// batch 128 in two, where one wave (512 of 528 resident CTAs) left them whole; 256
+    /// sequences on 8 KV heads fill both waves unsplit.
+    #[test]
+    fn two_waves_split_a_batch_that_one_wave_holds() {
+        let wave = 132 * 4;
+        assert_eq!(decode_splits(128, 4, 4096, 256, wave).num_splits, 1);
+        assert_eq!(
+            decode_splits(128, 4, 4096, 256, wave * DECODE_WAVES).num_splits,
+            2
+        );
+        assert_eq!(
+            decode_splits(256, 8, 4096, 256, wave * DECODE_WAVES).num_splits,
+            1
+        );
+    }
+
     #[test]
     fn small_batches_split_long_contexts_to_fill_a_wave() {
         let s = decode_splits(16, 8, 8192, 256, 132 * 4);
