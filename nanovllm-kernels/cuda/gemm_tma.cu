@@ -37,14 +37,14 @@ struct alignas(64) TensorMap {
 // Shared memory of a kernel with WG MMA warpgroups (64 * WG weight rows) and NT tokens (mirrored
 // by tma_smem_bytes in src/cuda/gemm.rs): the ring of `stages` stages (a launch argument: the
 // launcher sizes it to its shared-memory budget, at most MAX_STAGES), then, with one warpgroup,
-// the receive area of split-K (the f32 accumulators of up to MAX_SPLIT - 1 other CTAs; with
-// two, those go through a global workspace), with 1 KiB to align the ring.
+// the receive area of split-K (the f32 accumulators of the other CTAs of the cluster, at most
+// tma_max_split - 1 of them; with two, those go through a global workspace), with 1 KiB to
+// align the ring.
 template <int NT, int WG>
 struct TmaCfg {
     static constexpr int W_BYTES = W_ROWS * WG * K_TILE * 2;
     static constexpr int X_BYTES = NT * K_TILE * 2;
     static constexpr int STAGE = W_BYTES + X_BYTES;
-    static constexpr int MAX_SPLIT = WG == 2 ? 8 : NT <= 64 ? 4 : 2;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {

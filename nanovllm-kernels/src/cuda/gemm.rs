@@ -323,7 +323,7 @@ fn tma_warpgroups(forced: usize, m: usize, n: usize, num_sms: usize) -> usize {
 const TMA_W_ROWS: usize = 64;
 
 /// Most CTAs of `gemm_tma` with `wg` MMA warpgroups and `nt` tokens that split one tile's K
-/// (`TmaCfg::MAX_SPLIT`).
+/// (with one warpgroup, what the receive area beside the ring holds).
 fn tma_max_split(nt: usize, wg: usize) -> usize {
     match (wg, nt) {
         (2, _) => 8,
