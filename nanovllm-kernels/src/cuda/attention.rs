@@ -183,14 +183,18 @@ pub(crate) fn decode_splits(
 /// `NANOVLLM_ATTN_WAVES` overrides it.
 const DECODE_WAVES: usize = 2;
 
-/// [`DECODE_WAVES`], or `NANOVLLM_ATTN_WAVES` where set (an error when it is not a number).
+/// Most waves `NANOVLLM_ATTN_WAVES` may ask for (splits are capped by the context anyway).
+const MAX_DECODE_WAVES: usize = 64;
+
+/// [`DECODE_WAVES`], or `NANOVLLM_ATTN_WAVES` where set, within 1..=[`MAX_DECODE_WAVES`] (an
+/// error when it is not a number).
 fn decode_waves() -> Result<usize> {
     static WAVES: std::sync::OnceLock<std::result::Result<usize, String>> =
         std::sync::OnceLock::new();
     WAVES
         .get_or_init(|| {
             nanovllm_utils::env_count("NANOVLLM_ATTN_WAVES", DECODE_WAVES, "waves")
-                .map(|w| w.max(1))
+                .map(|w| w.clamp(1, MAX_DECODE_WAVES))
                 .map_err(|e| e.to_string())
         })
         .clone()
