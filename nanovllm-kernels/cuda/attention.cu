@@ -144,60 +144,30 @@ __device__ __forceinline__ void last_split_reduces(
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
 
-template <int HD, int G>
-__device__ __forceinline__ void decode_body(
-    const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
-    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
-    const int* context_lens, const int* block_tables,
-    int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
-    int max_context_len, int tokens_per_split, int num_splits,
-    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
-{
-    constexpr int LPK = HD / 8;           // lanes per K/V row
-    constexpr int KPI = 32 / LPK;         // tokens per warp load instruction
-    constexpr int U = (G <= 2) ? 8 : ((G <= 4) ? 4 : 2);  // load instructions per chunk
-    constexpr int CK = U * KPI;           // tokens per warp chunk
+// The online-softmax state one group of LPK lanes keeps over the tokens it has seen: running
+// max and sum of the scores (log2 units) and the unnormalised output, for each head of the group.
+template <int G>
+struct DecState {
+    float m[G], l[G], acc[G][8];
+};
 
-    extern __shared__ int s_bt[];         // this split's slice of the block table
-    __shared__ float s_m[DEC_WARPS][G], s_l[DEC_WARPS][G];
-    __shared__ float s_o[DEC_WARPS][G][HD];
-
-    const int kvh = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int sub = lane % LPK;           // which 8 dims of the row this lane loads
-    const int grp = lane / LPK;           // which token of a load instruction
-    const int num_heads = num_kv_heads * G;
-    const int out_stride = num_heads * HD;
-
-    // Lengths past max_context_len (which the host checked against the block table width) or
-    // block ids outside the cache are contract violations: clamp them rather than read out of
-    // bounds.
-    const int ctx = min(context_lens[seq], max_context_len);
-    const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
-    const int t0 = split * tps;
-    const int t1 = min(ctx, t0 + tps);
-    if (t0 >= t1) {
-        // No tokens here. With one split this CTA still owns the output (an empty context
-        // gives zeros); with several the reduce kernel skips this split.
-        if (num_splits == 1) {
-            for (int i = tid; i < G * HD; i += DEC_THREADS)
-                out[(size_t)seq * out_stride + (size_t)kvh * G * HD + i] = __float2bfloat16(0.f);
-        } else if (counters != nullptr) {
-            last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tps, num_splits,
-                                      num_kv_heads, kvh, seq, out);
-        }
-        return;
+template <int G>
+__device__ __forceinline__ void dec_init(DecState<G>& st) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        st.m[g] = NEG_INF;
+        st.l[g] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) st.acc[g][j] = 0.f;
     }
+}
 
-    const int bs_mask = (1 << log2_bs) - 1;
-    const int b0 = t0 >> log2_bs;
-    const int nb = ((t1 - 1) >> log2_bs) - b0 + 1;
-    const int* bt = block_tables + (size_t)seq * max_blocks_per_seq;
-    for (int i = tid; i < nb; i += DEC_THREADS)
-        s_bt[i] = min((unsigned)bt[b0 + i], (unsigned)(num_blocks - 1));
-
-    // q of every head of the group, pre-scaled so that scores come out in log2 units.
-    float q[G][8];
+// q of every head of the group of kv head `kvh` (the 8 dims `sub` of each), pre-scaled so that
+// scores come out in log2 units.
+template <int HD, int G>
+__device__ __forceinline__ void dec_load_q(const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+                                           int seq, int kvh, int sub, float scale_log2,
+                                           float (&q)[G][8]) {
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         const uint4 r = *reinterpret_cast<const uint4*>(
@@ -206,19 +176,23 @@ __device__ __forceinline__ void decode_body(
 #pragma unroll
         for (int j = 0; j < 8; ++j) q[g][j] *= scale_log2;
     }
-    __syncthreads();
+}
 
-    float m[G], l[G], acc[G][8];
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-        m[g] = NEG_INF;
-        l[g] = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
-    }
-
-    const size_t row_stride = (size_t)num_kv_heads * HD;
-    const size_t head_off = (size_t)kvh * HD + sub * 8;
+// Folds tokens [t0, t1) of one (sequence, kv head) into the lane group's state. `s_bt` holds
+// the block ids of the blocks from b0 on that cover the range; `head_off` is the kv head's and
+// lane's offset within a cache row. The warps take chunks of CK tokens in turn.
+template <int HD, int G>
+__device__ __forceinline__ void dec_attend(
+    const float (&q)[G][8], DecState<G>& st, const __nv_bfloat16* __restrict__ k_cache,
+    const __nv_bfloat16* __restrict__ v_cache, const int* s_bt, int b0, int t0, int t1,
+    int log2_bs, size_t row_stride, size_t head_off)
+{
+    constexpr int LPK = HD / 8;           // lanes per K/V row
+    constexpr int KPI = 32 / LPK;         // tokens per warp load instruction
+    constexpr int U = (G <= 2) ? 8 : ((G <= 4) ? 4 : 2);  // load instructions per chunk
+    constexpr int CK = U * KPI;           // tokens per warp chunk
+    const int warp = threadIdx.x >> 5, grp = (threadIdx.x & 31) / LPK;
+    const int bs_mask = (1 << log2_bs) - 1;
 
     for (int c0 = t0 + warp * CK; c0 < t1; c0 += DEC_WARPS * CK) {
         uint4 kr[U], vr[U];
@@ -265,15 +239,15 @@ __device__ __forceinline__ void decode_body(
 
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-            float mx = m[g];
+            float mx = st.m[g];
 #pragma unroll
             for (int u = 0; u < U; ++u) mx = fmaxf(mx, sc[g][u]);
             const float mu = (mx == NEG_INF) ? 0.f : mx;
-            const float alpha = exp2f(m[g] - mu);
-            m[g] = mx;
-            l[g] *= alpha;
+            const float alpha = exp2f(st.m[g] - mu);
+            st.m[g] = mx;
+            st.l[g] *= alpha;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
+            for (int j = 0; j < 8; ++j) st.acc[g][j] *= alpha;
 #pragma unroll
             for (int u = 0; u < U; ++u) sc[g][u] = exp2f(sc[g][u] - mu);
         }
@@ -283,46 +257,57 @@ __device__ __forceinline__ void decode_body(
             unpack8(vr[u], vf);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-                l[g] += sc[g][u];
+                st.l[g] += sc[g][u];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(sc[g][u], vf[j], acc[g][j]);
+                for (int j = 0; j < 8; ++j) st.acc[g][j] = fmaf(sc[g][u], vf[j], st.acc[g][j]);
             }
         }
     }
+}
 
-    // Merge the KPI lane groups of the warp.
+// Merges the lane groups' states (shuffles within each warp, then shared memory across the
+// warps) and hands each of the group's G * HD outputs to `emit(g, d, r, mx, sum)`: the
+// normalised output r of head g, element d, and the max and sum of the scores. Thread i emits
+// elements i, i + DEC_THREADS, ... A kernel may call it again after a __syncthreads().
+template <int HD, int G, class Emit>
+__device__ __forceinline__ void dec_merge(DecState<G>& st, Emit emit) {
+    constexpr int LPK = HD / 8;
+    __shared__ float s_m[DEC_WARPS][G], s_l[DEC_WARPS][G];
+    __shared__ float s_o[DEC_WARPS][G][HD];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int sub = lane % LPK, grp = lane / LPK;
+
 #pragma unroll
     for (int off = 16; off >= LPK; off >>= 1) {
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-            const float mo = __shfl_xor_sync(0xffffffffu, m[g], off);
-            const float lo = __shfl_xor_sync(0xffffffffu, l[g], off);
-            const float mx = fmaxf(m[g], mo);
+            const float mo = __shfl_xor_sync(0xffffffffu, st.m[g], off);
+            const float lo = __shfl_xor_sync(0xffffffffu, st.l[g], off);
+            const float mx = fmaxf(st.m[g], mo);
             const float mu = (mx == NEG_INF) ? 0.f : mx;
-            const float a = exp2f(m[g] - mu), b = exp2f(mo - mu);
-            l[g] = l[g] * a + lo * b;
+            const float a = exp2f(st.m[g] - mu), b = exp2f(mo - mu);
+            st.l[g] = st.l[g] * a + lo * b;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const float ao = __shfl_xor_sync(0xffffffffu, acc[g][j], off);
-                acc[g][j] = acc[g][j] * a + ao * b;
+                const float ao = __shfl_xor_sync(0xffffffffu, st.acc[g][j], off);
+                st.acc[g][j] = st.acc[g][j] * a + ao * b;
             }
-            m[g] = mx;
+            st.m[g] = mx;
         }
     }
     if (grp == 0) {
 #pragma unroll
         for (int g = 0; g < G; ++g) {
             if (sub == 0) {
-                s_m[warp][g] = m[g];
-                s_l[warp][g] = l[g];
+                s_m[warp][g] = st.m[g];
+                s_l[warp][g] = st.l[g];
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) s_o[warp][g][sub * 8 + j] = acc[g][j];
+            for (int j = 0; j < 8; ++j) s_o[warp][g][sub * 8 + j] = st.acc[g][j];
         }
     }
     __syncthreads();
 
-    // Merge the warps; thread i writes element i of the group's G * HD outputs.
     for (int i = tid; i < G * HD; i += DEC_THREADS) {
         const int g = i / HD, d = i % HD;
         float mx = NEG_INF;
@@ -336,7 +321,63 @@ __device__ __forceinline__ void decode_body(
             sum += s_l[w][g] * a;
             o += s_o[w][g][d] * a;
         }
-        const float r = sum > 0.f ? o / sum : 0.f;
+        emit(g, d, sum > 0.f ? o / sum : 0.f, mx, sum);
+    }
+}
+
+template <int HD, int G>
+__device__ __forceinline__ void decode_body(
+    const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int* context_lens, const int* block_tables,
+    int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
+    int max_context_len, int tokens_per_split, int num_splits,
+    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
+{
+    extern __shared__ int s_bt[];         // this split's slice of the block table
+
+    const int kvh = blockIdx.x, seq = blockIdx.y, split = blockIdx.z;
+    const int tid = threadIdx.x;
+    const int sub = (tid & 31) % (HD / 8);  // which 8 dims of a K/V row this lane loads
+    const int num_heads = num_kv_heads * G;
+    const int out_stride = num_heads * HD;
+
+    // Lengths past max_context_len (which the host checked against the block table width) or
+    // block ids outside the cache are contract violations: clamp them rather than read out of
+    // bounds.
+    const int ctx = min(context_lens[seq], max_context_len);
+    const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
+    const int t0 = split * tps;
+    const int t1 = min(ctx, t0 + tps);
+    if (t0 >= t1) {
+        // No tokens here. With one split this CTA still owns the output (an empty context
+        // gives zeros); with several the reduce kernel skips this split.
+        if (num_splits == 1) {
+            for (int i = tid; i < G * HD; i += DEC_THREADS)
+                out[(size_t)seq * out_stride + (size_t)kvh * G * HD + i] = __float2bfloat16(0.f);
+        } else if (counters != nullptr) {
+            last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tps, num_splits,
+                                      num_kv_heads, kvh, seq, out);
+        }
+        return;
+    }
+
+    const int b0 = t0 >> log2_bs;
+    const int nb = ((t1 - 1) >> log2_bs) - b0 + 1;
+    const int* bt = block_tables + (size_t)seq * max_blocks_per_seq;
+    for (int i = tid; i < nb; i += DEC_THREADS)
+        s_bt[i] = min((unsigned)bt[b0 + i], (unsigned)(num_blocks - 1));
+
+    float q[G][8];
+    dec_load_q<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, q);
+    __syncthreads();
+
+    DecState<G> st;
+    dec_init(st);
+    dec_attend<HD, G>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
+                      (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
+
+    dec_merge<HD, G>(st, [&](int g, int d, float r, float mx, float sum) {
         const int h = kvh * G + g;
         if (num_splits == 1) {
             out[(size_t)seq * out_stride + (size_t)h * HD + d] = __float2bfloat16(r);
@@ -348,7 +389,7 @@ __device__ __forceinline__ void decode_body(
                 part_ml[2 * p + 1] = sum;
             }
         }
-    }
+    });
     if (num_splits > 1 && counters != nullptr)
         last_split_reduces<HD, G>(counters, part_ml, part_o, ctx, tps, num_splits,
                                   num_kv_heads, kvh, seq, out);
@@ -386,6 +427,201 @@ DECODE_KERNEL(128, 5)
 DECODE_KERNEL(128, 6)
 DECODE_KERNEL(128, 7)
 DECODE_KERNEL(128, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Decode, balanced: every CTA of a fixed grid reads the same number of K/V tokens.
+//
+// The contexts of all (sequence, kv head) pairs of the batch ("segments", sequence-major) are
+// laid end to end, and CTA g of the grid takes tokens [g * chunk, (g + 1) * chunk) of that line,
+// chunk = the total over the grid (whole DEC_BAL_GRANULE tokens, at least min_chunk). Its range
+// may cover the end of one segment, several whole ones and the start of another: it attends
+// each part ("piece") in turn. A segment that lies within one CTA's range is written to `out`
+// directly; one cut by chunk borders leaves a partial per piece, and the last piece to finish
+// (counted in `counters`, one per segment, reset by that last CTA) combines them in piece order,
+// as last_split_reduces does. So with contexts of any mix of lengths, every SM gets the same
+// share of the bytes, which the per-sequence splits of attn_decode_hd*_g* only approach.
+//
+// Everything follows from the context lengths, which each CTA sums itself (a prefix sum over
+// the batch in shared memory), so a CUDA graph captured once serves every step. Partials of
+// segment s live at slots first(s) + s .. last(s) + s, where first and last are the CTAs
+// holding its first and last token: one slot per (CTA, segment) pair that meets, gridDim.x +
+// num_seqs * num_kv_heads slots in all (`num_slots`), each G heads of HD floats plus a (max,
+// sum) pair, head-major: entry (g, slot) at g * num_slots + slot. A sequence with no context
+// (batch padding) gets zeros, from CTA seq % gridDim.x.
+// ---------------------------------------------------------------------------------------------
+
+// Granule of the balanced chunk (tokens), and most block ids a CTA stages at once.
+#define DEC_BAL_GRANULE 32
+#define DEC_BAL_BT 64
+// Resident CTAs per SM the balanced kernels are compiled for (registers capped to fit): the
+// grid is one wave of them, so fewer would leave SMs short of loads in flight.
+#define DEC_BAL_MIN_CTAS(G) ((G) <= 4 ? 4 : 2)
+
+template <int HD, int G>
+__device__ __forceinline__ void decode_balanced_body(
+    const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+    const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
+    const int* context_lens, const int* block_tables,
+    int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
+    int max_context_len, int num_seqs, int min_chunk, int num_slots,
+    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
+{
+    extern __shared__ int s_pre[];        // num_seqs + 1 prefix sums of the contexts
+    __shared__ int s_bt[DEC_BAL_BT];
+    __shared__ int s_warp[DEC_WARPS];
+    __shared__ bool s_last;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int sub = lane % (HD / 8);
+    const int num_heads = num_kv_heads * G;
+    const int out_stride = num_heads * HD;
+
+    // Prefix sums of the (clamped) contexts: thread t sums a run of `per` sequences, a scan
+    // over the threads gives each run's start.
+    const int per = (num_seqs + DEC_THREADS - 1) / DEC_THREADS;
+    const int j0 = min(num_seqs, tid * per), j1 = min(num_seqs, j0 + per);
+    int run = 0;
+    for (int j = j0; j < j1; ++j) run += min(max(context_lens[j], 0), max_context_len);
+    int incl = run;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += y;
+    }
+    if (lane == 31) s_warp[warp] = incl;
+    __syncthreads();
+    int acc = incl - run;
+    for (int w = 0; w < warp; ++w) acc += s_warp[w];
+    for (int j = j0; j < j1; ++j) {
+        s_pre[j] = acc;
+        acc += min(max(context_lens[j], 0), max_context_len);
+    }
+    if (tid == DEC_THREADS - 1) s_pre[num_seqs] = acc;
+    __syncthreads();
+
+    const int nctas = gridDim.x, cta = blockIdx.x;
+    // Padding rows (no context) get zeros.
+    for (int i = cta; i < num_seqs; i += nctas) {
+        if (s_pre[i + 1] != s_pre[i]) continue;
+        for (int e = tid; e < out_stride; e += DEC_THREADS)
+            out[(size_t)i * out_stride + e] = __float2bfloat16(0.f);
+    }
+
+    // The host keeps num_kv_heads * (total context) + gridDim.x * chunk within an int.
+    const int total = num_kv_heads * s_pre[num_seqs];
+    int chunk = (total + nctas - 1) / nctas;
+    chunk = max(min_chunk, (chunk + DEC_BAL_GRANULE - 1) / DEC_BAL_GRANULE * DEC_BAL_GRANULE);
+    int pos = cta * chunk;
+    const int end = min(total, pos + chunk);
+    if (pos >= end) return;
+
+    // The sequence holding `pos`: the last i with num_kv_heads * s_pre[i] <= pos.
+    int lo = 0, hi = num_seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (num_kv_heads * s_pre[mid] <= pos) lo = mid; else hi = mid - 1;
+    }
+    int i = lo;
+    const size_t row_stride = (size_t)num_kv_heads * HD;
+    while (pos < end) {
+        while (num_kv_heads * s_pre[i + 1] <= pos) ++i;
+        const int ctx = s_pre[i + 1] - s_pre[i];
+        const int kvh = (pos - num_kv_heads * s_pre[i]) / ctx;
+        const int seg0 = num_kv_heads * s_pre[i] + kvh * ctx;   // the segment's first token
+        const int t0 = pos - seg0, t1 = min(ctx, t0 + (end - pos));
+        const int first = seg0 / chunk, last = (seg0 + ctx - 1) / chunk;
+        const int seg = i * num_kv_heads + kvh;
+
+        float q[G][8];
+        dec_load_q<HD, G>(qkv, qkv_stride, i, kvh, sub, scale_log2, q);
+        DecState<G> st;
+        dec_init(st);
+        const int* bt = block_tables + (size_t)i * max_blocks_per_seq;
+        for (int a = t0; a < t1;) {
+            const int b0 = a >> log2_bs;
+            const int e = min(t1, (b0 + DEC_BAL_BT) << log2_bs);
+            const int nb = ((e - 1) >> log2_bs) - b0 + 1;
+            __syncthreads();  // the previous range's (or piece's) reads of s_bt are done
+            for (int b = tid; b < nb; b += DEC_THREADS)
+                s_bt[b] = min((unsigned)bt[b0 + b], (unsigned)(num_blocks - 1));
+            __syncthreads();
+            dec_attend<HD, G>(q, st, k_cache, v_cache, s_bt, b0, a, e, log2_bs, row_stride,
+                              (size_t)kvh * HD + sub * 8);
+            a = e;
+        }
+        __syncthreads();  // dec_merge's shared state is free again
+
+        // One emitter for both cases: each instantiation of dec_merge has shared arrays of its own.
+        const bool whole = first == last;
+        const int slot = cta + seg;
+        dec_merge<HD, G>(st, [&](int g, int d, float r, float mx, float sum) {
+            if (whole) {
+                out[(size_t)i * out_stride + (size_t)(kvh * G + g) * HD + d] =
+                    __float2bfloat16(r);
+                return;
+            }
+            const size_t p = (size_t)g * num_slots + slot;
+            part_o[p * HD + d] = r;
+            if (d == 0) {
+                part_ml[2 * p] = mx;
+                part_ml[2 * p + 1] = sum;
+            }
+        });
+        if (!whole) {
+            // Every thread's partial writes are visible device-wide before the arrival counts.
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) s_last = atomicAdd(counters + seg, 1u) == (unsigned)(last - first);
+            __syncthreads();
+            if (s_last) {
+                __threadfence();  // the other pieces' partials are read after their arrivals
+                for (int e = tid; e < G * HD; e += DEC_THREADS) {
+                    const int g = e / HD, d = e % HD;
+                    out[(size_t)i * out_stride + (size_t)(kvh * G + g) * HD + d] =
+                        __float2bfloat16(combine_splits(part_ml, part_o,
+                                                        (size_t)g * num_slots + first + seg,
+                                                        last - first + 1, HD, d));
+                }
+                if (tid == 0) counters[seg] = 0u;
+            }
+        }
+        pos += t1 - t0;
+    }
+}
+
+#define DECODE_BALANCED_KERNEL(HD, G)                                                         \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, DEC_BAL_MIN_CTAS(G))            \
+    attn_decode_bal_hd##HD##_g##G(                                                           \
+        const __nv_bfloat16* __restrict__ qkv, int qkv_stride,                               \
+        const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
+        const int* context_lens, const int* block_tables,                                     \
+        int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs,               \
+        float scale_log2, int max_context_len, int num_seqs, int min_chunk, int num_slots,    \
+        __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o,                      \
+        unsigned int* counters) {                                                            \
+        pdl_begin();                                                                         \
+        decode_balanced_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens,         \
+                                    block_tables, max_blocks_per_seq, num_kv_heads,          \
+                                    num_blocks, log2_bs, scale_log2, max_context_len,        \
+                                    num_seqs, min_chunk, num_slots, out, part_ml, part_o,    \
+                                    counters);                                               \
+    }
+
+DECODE_BALANCED_KERNEL(64, 1)
+DECODE_BALANCED_KERNEL(64, 2)
+DECODE_BALANCED_KERNEL(64, 3)
+DECODE_BALANCED_KERNEL(64, 4)
+DECODE_BALANCED_KERNEL(64, 5)
+DECODE_BALANCED_KERNEL(64, 6)
+DECODE_BALANCED_KERNEL(64, 7)
+DECODE_BALANCED_KERNEL(64, 8)
+DECODE_BALANCED_KERNEL(128, 1)
+DECODE_BALANCED_KERNEL(128, 2)
+DECODE_BALANCED_KERNEL(128, 3)
+DECODE_BALANCED_KERNEL(128, 4)
+DECODE_BALANCED_KERNEL(128, 5)
+DECODE_BALANCED_KERNEL(128, 6)
+DECODE_BALANCED_KERNEL(128, 7)
+DECODE_BALANCED_KERNEL(128, 8)
 
 // Combines the splits of one (sequence, head): grid (num_heads, num_seqs), head_dim threads.
 // Split i holds tokens [i * tps, (i + 1) * tps) (tps = seq_split_tokens of the sequence's

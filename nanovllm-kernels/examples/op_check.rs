@@ -1735,6 +1735,35 @@ fn main() {
             ((0..20).map(|i| 1 + i * 97).collect(), 8, 1, 64, 32, 400),
             ((0..9).map(|i| 5 + i * 300).collect(), 16, 4, 64, 128, 60),
             (vec![512 * 3 + 1; 512], 16, 8, 128, 256, 200),
+            // Padding rows (no context) between real ones, as a decode graph's batch has.
+            (
+                (0..40)
+                    .map(|i| if i % 7 == 3 { 0 } else { 1 + i * 53 })
+                    .collect(),
+                32,
+                4,
+                128,
+                256,
+                300,
+            ),
+            // The serving mix: 100..2,000-token contexts in one batch, Qwen3-8B's heads at
+            // tp 1 and tp 2.
+            (
+                (0..256).map(|i| 100 + (i * 733) % 1900).collect(),
+                32,
+                8,
+                128,
+                256,
+                1500,
+            ),
+            (
+                (0..200).map(|i| 100 + (i * 389) % 1900).collect(),
+                16,
+                4,
+                128,
+                256,
+                1200,
+            ),
         ];
         for (ctx, nh, nkv, d, bs, pool) in cases {
             for graph_len in [0, 4096] {

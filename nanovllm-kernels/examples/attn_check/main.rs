@@ -13,6 +13,7 @@
 //! cargo build --release -p nanovllm-kernels --examples
 //! target/release/examples/attn_check            # checks, then timings
 //! target/release/examples/attn_check --no-bench # checks only
+//! target/release/examples/attn_check --bench-only # timings only
 //! target/release/examples/attn_check --cpu-only # the harness alone, CPU backend vs f64
 //! # also time other builds of the prefill kernel, e.g. from
 //! # nvcc -ptx -arch=sm_90 -O3 -std=c++17 -DPF_BM=128 -DPF_BN=32 cuda/attention.cu -o a.ptx

@@ -282,6 +282,22 @@ pub(crate) fn decode_attention(
     if num_seqs == 0 {
         return Ok(());
     }
+    if balanced_decode() {
+        let a = DecodeArgs {
+            qkv,
+            k_cache,
+            v_cache,
+            context_lens,
+            block_tables,
+            num_seqs,
+            max_context_len,
+            num_blocks,
+            log2_bs,
+        };
+        if decode_attention_balanced(be, &a, attn, out)? {
+            return Ok(());
+        }
+    }
 
     let hd_index = usize::from(attn.head_dim == 128);
     let kernel = func(be, DECODE_KERNELS[hd_index][group - 1])?;
@@ -419,6 +435,134 @@ pub(crate) fn decode_attention(
     // of num_heads * head_dim to `out`, checked above.
     unsafe { b.launch(rcfg) }.map_err(cuda_err("decode_attention: reduce launch"))?;
     Ok(())
+}
+
+/// The checked inputs of one decode attention call, for the balanced launcher.
+struct DecodeArgs<'a> {
+    qkv: &'a CudaBuf<bf16>,
+    k_cache: &'a CudaBuf<bf16>,
+    v_cache: &'a CudaBuf<bf16>,
+    context_lens: &'a CudaBuf<i32>,
+    block_tables: &'a CudaBuf<i32>,
+    num_seqs: usize,
+    /// Already clamped to what a block-table row addresses.
+    max_context_len: usize,
+    num_blocks: usize,
+    log2_bs: i32,
+}
+
+/// Fewest tokens of a balanced decode CTA's range (a multiple of the kernel's
+/// `DEC_BAL_GRANULE`, 32): with few tokens in the batch, fewer CTAs get more than one warp
+/// chunk each rather than every CTA a sliver.
+const BALANCED_MIN_CHUNK: usize = 128;
+
+/// Sequences whose prefix sums the balanced kernel's occupancy is asked with (its shared
+/// memory holds one i32 per sequence); a larger batch asks again.
+const BALANCED_OCCUPANCY_SEQS: usize = 1024;
+
+/// Resident CTAs per SM of each balanced decode kernel (head size, group size), as
+/// [`DECODE_CTAS_PER_SM`].
+static BALANCED_CTAS_PER_SM: [[AtomicU32; 8]; 2] = [const { [const { AtomicU32::new(0) }; 8] }; 2];
+
+/// Decode attention by `attn_decode_bal_hd*_g*`: one wave of CTAs, each reading the same
+/// number of K/V tokens of the batch's contexts laid end to end (the kernel source describes
+/// the partition). Returns `false`, having queued nothing, where a batch is too large for its
+/// positions to fit an i32 or its prefix sums to fit shared memory; the split kernel then
+/// runs instead.
+fn decode_attention_balanced(
+    be: &CudaBackend,
+    a: &DecodeArgs<'_>,
+    attn: &AttnParams,
+    out: &mut CudaBuf<bf16>,
+) -> Result<bool> {
+    const OP: &str = "decode_attention";
+    let group = attn.num_heads / attn.num_kv_heads;
+    let smem_bytes = (a.num_seqs + 1) * 4;
+    if smem_bytes > 32 * 1024 {
+        return Ok(false);
+    }
+    let hd_index = usize::from(attn.head_dim == 128);
+    let kernel = func(be, &format!("attn_decode_bal_hd{}_g{group}", attn.head_dim))?;
+    let cached = &BALANCED_CTAS_PER_SM[hd_index][group - 1];
+    let occupancy = |seqs: usize| {
+        kernel
+            .occupancy_max_active_blocks_per_multiprocessor(DECODE_THREADS, (seqs + 1) * 4, None)
+            .map_err(cuda_err("decode_attention: occupancy query"))
+            .map(|c| c.max(1))
+    };
+    let ctas_per_sm = if a.num_seqs <= BALANCED_OCCUPANCY_SEQS {
+        let mut c = cached.load(Ordering::Relaxed);
+        if c == 0 {
+            c = occupancy(BALANCED_OCCUPANCY_SEQS)?;
+            cached.store(c, Ordering::Relaxed);
+        }
+        c
+    } else {
+        occupancy(a.num_seqs)?
+    };
+    let grid = be.num_sms() * ctas_per_sm as usize;
+    // Every position the kernel forms (a CTA's range, rounded up) stays within an i32.
+    let total = (attn.num_kv_heads as u64) * (a.num_seqs as u64) * (a.max_context_len as u64);
+    if 2 * total + (grid as u64 + 1) * (BALANCED_MIN_CHUNK as u64 + 32) > i32::MAX as u64 {
+        return Ok(false);
+    }
+    let num_slots = grid + a.num_seqs * attn.num_kv_heads;
+    let entries = group * num_slots;
+    let ml_len = 2 * entries;
+    let mut scratch = be.scratch_f32(ml_len + entries * attn.head_dim)?;
+    let (mut part_ml, mut part_o) = scratch.split_at_mut(ml_len);
+    let mut counters = be.split_counters(a.num_seqs * attn.num_kv_heads)?;
+
+    let qkv_stride = to_i32(OP, "qkv row width", attn.qkv_width())?;
+    let mbps = to_i32(OP, "max_blocks_per_seq", attn.max_blocks_per_seq)?;
+    let nkv = to_i32(OP, "num_kv_heads", attn.num_kv_heads)?;
+    let scale_log2 = attn.scale * LOG2_E;
+    let max_ctx = to_i32(OP, "max_context_len", a.max_context_len)?;
+    let nblocks = to_i32(OP, "num_blocks", a.num_blocks)?;
+    let nseqs = to_i32(OP, "num_seqs", a.num_seqs)?;
+    let min_chunk = BALANCED_MIN_CHUNK as i32;
+    let slots = to_i32(OP, "partial slots", num_slots)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: smem_bytes as u32,
+    };
+    let mut b = Launch::new(be.stream(), &kernel);
+    b.arg(a.qkv.raw())
+        .arg(&qkv_stride)
+        .arg(a.k_cache.raw())
+        .arg(a.v_cache.raw())
+        .arg(a.context_lens.raw())
+        .arg(a.block_tables.raw())
+        .arg(&mbps)
+        .arg(&nkv)
+        .arg(&nblocks)
+        .arg(&a.log2_bs)
+        .arg(&scale_log2)
+        .arg(&max_ctx)
+        .arg(&nseqs)
+        .arg(&min_chunk)
+        .arg(&slots)
+        .arg(out.raw_mut())
+        .arg(&mut part_ml)
+        .arg(&mut part_o)
+        .arg(&mut *counters);
+    // SAFETY: the argument list matches `attn_decode_bal_hd*_g*`; the caller checked that
+    // qkv, out, context_lens and block_tables hold num_seqs rows and that the caches hold
+    // num_blocks blocks (block ids and contexts are clamped in the kernel); the scratch holds
+    // (max, sum) and head_dim floats for group x num_slots entries (slots as the kernel
+    // numbers them: grid + num_seqs * num_kv_heads), the counters one zeroed u32 per
+    // (sequence, kv head), each reset by the CTA that counts last, and the dynamic shared
+    // memory num_seqs + 1 i32.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
+    Ok(true)
+}
+
+/// Whether decode attention runs balanced (`attn_decode_bal_hd*_g*`): `NANOVLLM_ATTN_BALANCED`,
+/// off by default.
+fn balanced_decode() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_BALANCED", false))
 }
 
 /// Whether the last split CTA of decode attention combines the splits itself instead of a
