@@ -430,31 +430,35 @@ DECODE_KERNEL(128, 8)
 
 // ---------------------------------------------------------------------------------------------
 // Decode, balanced: every CTA of a fixed grid reads the same number of K/V tokens.
+// Opt-in (NANOVLLM_ATTN_BALANCED=1): faster than attn_decode_hd*_g* on mixed context lengths
+// when timed alone, slower inside the engine (docs/perf-notes.md, "Balanced decode attention").
 //
-// The contexts of all (sequence, kv head) pairs of the batch ("segments", sequence-major) are
-// laid end to end, and CTA g of the grid takes tokens [g * chunk, (g + 1) * chunk) of that line,
-// chunk = the total over the grid (whole DEC_BAL_GRANULE tokens, at least min_chunk). Its range
-// may cover the end of one segment, several whole ones and the start of another: it attends
-// each part ("piece") in turn. A segment that lies within one CTA's range is written to `out`
-// directly; one cut by chunk borders leaves a partial per piece, and the last piece to finish
-// (counted in `counters`, one per segment, reset by that last CTA) combines them in piece order,
-// as last_split_reduces does. So with contexts of any mix of lengths, every SM gets the same
-// share of the bytes, which the per-sequence splits of attn_decode_hd*_g* only approach.
+// The batch's sequences are laid end to end on a line, each as piece_cost + its context tokens
+// (piece_cost stands for the fixed cost of starting a piece: loading q, merging the warps;
+// an empty sequence takes no room). The line is cut into gridDim.x / num_kv_heads chunks of
+// equal length (whole DEC_BAL_GRANULE tokens, at least min_chunk), and CTA cta takes chunk
+// cta / num_kv_heads for kv head cta % num_kv_heads: the CTAs of a chunk are neighbours in
+// launch order, so they run together and read the same cache rows (a row holds every kv head
+// of one token). A chunk may cover the end of one sequence, several whole ones and the start
+// of another: the CTA attends each part ("piece") in turn. A sequence that lies within one
+// chunk is written to `out` directly; one cut by chunk borders leaves a partial per piece, and
+// the last piece to finish (counted in `counters`, one per (sequence, kv head), reset by that
+// last CTA) combines them in piece order, as last_split_reduces does.
 //
 // Everything follows from the context lengths, which each CTA sums itself (a prefix sum over
-// the batch in shared memory), so a CUDA graph captured once serves every step. Partials of
-// segment s live at slots first(s) + s .. last(s) + s, where first and last are the CTAs
-// holding its first and last token: one slot per (CTA, segment) pair that meets, gridDim.x +
-// num_seqs * num_kv_heads slots in all (`num_slots`), each G heads of HD floats plus a (max,
-// sum) pair, head-major: entry (g, slot) at g * num_slots + slot. A sequence with no context
-// (batch padding) gets zeros, from CTA seq % gridDim.x.
+// the batch in shared memory), so a CUDA graph captured once serves every step. The partials
+// of sequence i live at slots first(i) + i .. last(i) + i, where first and last are the chunks
+// holding its first and last token: one slot per (chunk, sequence) pair that meets, nchunks +
+// num_seqs slots in all (`num_slots`), for each head a (max, sum) pair and HD floats,
+// head-major: entry (head, slot) at head * num_slots + slot. A sequence with no context (batch
+// padding) gets zeros, from CTA seq % gridDim.x.
 // ---------------------------------------------------------------------------------------------
 
 // Granule of the balanced chunk (tokens), and most block ids a CTA stages at once.
 #define DEC_BAL_GRANULE 32
 #define DEC_BAL_BT 64
 // Resident CTAs per SM the balanced kernels are compiled for (registers capped to fit): the
-// grid is one wave of them, so fewer would leave SMs short of loads in flight.
+// grid is a whole number of waves of them, so fewer would leave SMs short of loads in flight.
 #define DEC_BAL_MIN_CTAS(G) ((G) <= 4 ? 4 : 2)
 
 template <int HD, int G>
@@ -463,10 +467,10 @@ __device__ __forceinline__ void decode_balanced_body(
     const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
     const int* context_lens, const int* block_tables,
     int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
-    int max_context_len, int num_seqs, int min_chunk, int num_slots,
+    int max_context_len, int num_seqs, int min_chunk, int piece_cost, int num_slots,
     __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
 {
-    extern __shared__ int s_pre[];        // num_seqs + 1 prefix sums of the contexts
+    extern __shared__ int s_pre[];        // num_seqs + 1 prefix sums of the segment lengths
     __shared__ int s_bt[DEC_BAL_BT];
     __shared__ int s_warp[DEC_WARPS];
     __shared__ bool s_last;
@@ -479,8 +483,13 @@ __device__ __forceinline__ void decode_balanced_body(
     // over the threads gives each run's start.
     const int per = (num_seqs + DEC_THREADS - 1) / DEC_THREADS;
     const int j0 = min(num_seqs, tid * per), j1 = min(num_seqs, j0 + per);
+    // A segment's length in the line: its context plus piece_cost (none for an empty one).
+    auto seg_len = [&](int j) {
+        const int c = min(max(context_lens[j], 0), max_context_len);
+        return c > 0 ? c + piece_cost : 0;
+    };
     int run = 0;
-    for (int j = j0; j < j1; ++j) run += min(max(context_lens[j], 0), max_context_len);
+    for (int j = j0; j < j1; ++j) run += seg_len(j);
     int incl = run;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -493,7 +502,7 @@ __device__ __forceinline__ void decode_balanced_body(
     for (int w = 0; w < warp; ++w) acc += s_warp[w];
     for (int j = j0; j < j1; ++j) {
         s_pre[j] = acc;
-        acc += min(max(context_lens[j], 0), max_context_len);
+        acc += seg_len(j);
     }
     if (tid == DEC_THREADS - 1) s_pre[num_seqs] = acc;
     __syncthreads();
@@ -506,29 +515,34 @@ __device__ __forceinline__ void decode_balanced_body(
             out[(size_t)i * out_stride + e] = __float2bfloat16(0.f);
     }
 
-    // The host keeps num_kv_heads * (total context) + gridDim.x * chunk within an int.
-    const int total = num_kv_heads * s_pre[num_seqs];
-    int chunk = (total + nctas - 1) / nctas;
+    // CTA cta takes chunk c = cta / num_kv_heads of the line for kv head cta % num_kv_heads:
+    // the CTAs of one chunk are neighbours in launch order, so they run together and read the
+    // same cache rows (a row holds every kv head of one token).
+    // The host keeps the total + gridDim.x * chunk within an int.
+    const int kvh = cta % num_kv_heads;
+    const int nchunks = nctas / num_kv_heads, c = cta / num_kv_heads;
+    const int total = s_pre[num_seqs];
+    int chunk = (total + nchunks - 1) / nchunks;
     chunk = max(min_chunk, (chunk + DEC_BAL_GRANULE - 1) / DEC_BAL_GRANULE * DEC_BAL_GRANULE);
-    int pos = cta * chunk;
+    int pos = c * chunk;
     const int end = min(total, pos + chunk);
-    if (pos >= end) return;
+    if (c >= nchunks || pos >= end) return;
 
-    // The sequence holding `pos`: the last i with num_kv_heads * s_pre[i] <= pos.
+    // The sequence holding `pos`: the last i with s_pre[i] <= pos.
     int lo = 0, hi = num_seqs - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (num_kv_heads * s_pre[mid] <= pos) lo = mid; else hi = mid - 1;
+        if (s_pre[mid] <= pos) lo = mid; else hi = mid - 1;
     }
     int i = lo;
     const size_t row_stride = (size_t)num_kv_heads * HD;
     while (pos < end) {
-        while (num_kv_heads * s_pre[i + 1] <= pos) ++i;
-        const int ctx = s_pre[i + 1] - s_pre[i];
-        const int kvh = (pos - num_kv_heads * s_pre[i]) / ctx;
-        const int seg0 = num_kv_heads * s_pre[i] + kvh * ctx;   // the segment's first token
-        const int t0 = pos - seg0, t1 = min(ctx, t0 + (end - pos));
-        const int first = seg0 / chunk, last = (seg0 + ctx - 1) / chunk;
+        while (s_pre[i + 1] <= pos) ++i;
+        const int seg0 = s_pre[i], seg_end = s_pre[i + 1];  // the sequence's part of the line
+        const int real0 = seg0 + piece_cost;                 // its first token
+        if (end <= real0) break;  // only the cost of the next sequence's start is left
+        const int t0 = max(pos, real0) - real0, t1 = min(end, seg_end) - real0;
+        const int first = real0 / chunk, last = (seg_end - 1) / chunk;
         const int seg = i * num_kv_heads + kvh;
 
         float q[G][8];
@@ -552,14 +566,14 @@ __device__ __forceinline__ void decode_balanced_body(
 
         // One emitter for both cases: each instantiation of dec_merge has shared arrays of its own.
         const bool whole = first == last;
-        const int slot = cta + seg;
+        const int slot = c + i;
         dec_merge<HD, G>(st, [&](int g, int d, float r, float mx, float sum) {
             if (whole) {
                 out[(size_t)i * out_stride + (size_t)(kvh * G + g) * HD + d] =
                     __float2bfloat16(r);
                 return;
             }
-            const size_t p = (size_t)g * num_slots + slot;
+            const size_t p = (size_t)(kvh * G + g) * num_slots + slot;
             part_o[p * HD + d] = r;
             if (d == 0) {
                 part_ml[2 * p] = mx;
@@ -578,13 +592,13 @@ __device__ __forceinline__ void decode_balanced_body(
                     const int g = e / HD, d = e % HD;
                     out[(size_t)i * out_stride + (size_t)(kvh * G + g) * HD + d] =
                         __float2bfloat16(combine_splits(part_ml, part_o,
-                                                        (size_t)g * num_slots + first + seg,
+                                                        (size_t)(kvh * G + g) * num_slots + first + i,
                                                         last - first + 1, HD, d));
                 }
                 if (tid == 0) counters[seg] = 0u;
             }
         }
-        pos += t1 - t0;
+        pos = min(end, seg_end);
     }
 }
 
@@ -595,14 +609,16 @@ __device__ __forceinline__ void decode_balanced_body(
         const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache, \
         const int* context_lens, const int* block_tables,                                     \
         int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs,               \
-        float scale_log2, int max_context_len, int num_seqs, int min_chunk, int num_slots,    \
+        float scale_log2, int max_context_len, int num_seqs, int min_chunk, int piece_cost,   \
+        int num_slots,                                                                       \
         __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o,                      \
         unsigned int* counters) {                                                            \
         pdl_begin();                                                                         \
         decode_balanced_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens,         \
                                     block_tables, max_blocks_per_seq, num_kv_heads,          \
                                     num_blocks, log2_bs, scale_log2, max_context_len,        \
-                                    num_seqs, min_chunk, num_slots, out, part_ml, part_o,    \
+                                    num_seqs, min_chunk, piece_cost, num_slots, out,         \
+                                    part_ml, part_o,                                         \
                                     counters);                                               \
     }
 

@@ -454,7 +454,7 @@ struct DecodeArgs<'a> {
 /// Fewest tokens of a balanced decode CTA's range (a multiple of the kernel's
 /// `DEC_BAL_GRANULE`, 32): with few tokens in the batch, fewer CTAs get more than one warp
 /// chunk each rather than every CTA a sliver.
-const BALANCED_MIN_CHUNK: usize = 128;
+const BALANCED_MIN_CHUNK: usize = 256;
 
 /// Sequences whose prefix sums the balanced kernel's occupancy is asked with (its shared
 /// memory holds one i32 per sequence); a larger batch asks again.
@@ -464,9 +464,9 @@ const BALANCED_OCCUPANCY_SEQS: usize = 1024;
 /// [`DECODE_CTAS_PER_SM`].
 static BALANCED_CTAS_PER_SM: [[AtomicU32; 8]; 2] = [const { [const { AtomicU32::new(0) }; 8] }; 2];
 
-/// Decode attention by `attn_decode_bal_hd*_g*`: one wave of CTAs, each reading the same
-/// number of K/V tokens of the batch's contexts laid end to end (the kernel source describes
-/// the partition). Returns `false`, having queued nothing, where a batch is too large for its
+/// Decode attention by `attn_decode_bal_hd*_g*`: a whole number of waves of CTAs, each
+/// reading the same number of K/V tokens of the batch's contexts laid end to end (the kernel
+/// source describes the partition). Returns `false`, having queued nothing, where a batch is too large for its
 /// positions to fit an i32 or its prefix sums to fit shared memory; the split kernel then
 /// runs instead.
 fn decode_attention_balanced(
@@ -500,14 +500,17 @@ fn decode_attention_balanced(
     } else {
         occupancy(a.num_seqs)?
     };
-    let grid = be.num_sms() * ctas_per_sm as usize;
+    let (waves, piece_cost) = balanced_tuning()?;
+    // A whole number of chunks, each one CTA per kv head.
+    let nchunks = (be.num_sms() * ctas_per_sm as usize * waves / attn.num_kv_heads).max(1);
+    let grid = nchunks * attn.num_kv_heads;
     // Every position the kernel forms (a CTA's range, rounded up) stays within an i32.
-    let total = (attn.num_kv_heads as u64) * (a.num_seqs as u64) * (a.max_context_len as u64);
+    let total = (a.num_seqs as u64) * (a.max_context_len as u64 + piece_cost as u64);
     if 2 * total + (grid as u64 + 1) * (BALANCED_MIN_CHUNK as u64 + 32) > i32::MAX as u64 {
         return Ok(false);
     }
-    let num_slots = grid + a.num_seqs * attn.num_kv_heads;
-    let entries = group * num_slots;
+    let num_slots = nchunks + a.num_seqs;
+    let entries = attn.num_heads * num_slots;
     let ml_len = 2 * entries;
     let mut scratch = be.scratch_f32(ml_len + entries * attn.head_dim)?;
     let (mut part_ml, mut part_o) = scratch.split_at_mut(ml_len);
@@ -521,6 +524,7 @@ fn decode_attention_balanced(
     let nblocks = to_i32(OP, "num_blocks", a.num_blocks)?;
     let nseqs = to_i32(OP, "num_seqs", a.num_seqs)?;
     let min_chunk = BALANCED_MIN_CHUNK as i32;
+    let cost = to_i32(OP, "piece cost", piece_cost)?;
     let slots = to_i32(OP, "partial slots", num_slots)?;
     let cfg = LaunchConfig {
         grid_dim: (grid as u32, 1, 1),
@@ -542,6 +546,7 @@ fn decode_attention_balanced(
         .arg(&max_ctx)
         .arg(&nseqs)
         .arg(&min_chunk)
+        .arg(&cost)
         .arg(&slots)
         .arg(out.raw_mut())
         .arg(&mut part_ml)
@@ -550,16 +555,34 @@ fn decode_attention_balanced(
     // SAFETY: the argument list matches `attn_decode_bal_hd*_g*`; the caller checked that
     // qkv, out, context_lens and block_tables hold num_seqs rows and that the caches hold
     // num_blocks blocks (block ids and contexts are clamped in the kernel); the scratch holds
-    // (max, sum) and head_dim floats for group x num_slots entries (slots as the kernel
-    // numbers them: grid + num_seqs * num_kv_heads), the counters one zeroed u32 per
+    // (max, sum) and head_dim floats for num_heads x num_slots entries (slots as the kernel
+    // numbers them: one per chunk plus one per sequence), the counters one zeroed u32 per
     // (sequence, kv head), each reset by the CTA that counts last, and the dynamic shared
     // memory num_seqs + 1 i32.
     unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
     Ok(true)
 }
 
+/// Waves of CTAs of the balanced decode kernel (`NANOVLLM_ATTN_BAL_WAVES`, default 1, at most
+/// 16) and the tokens of K/V a piece's fixed cost is counted as (`NANOVLLM_ATTN_BAL_COST`,
+/// default 32, at most 4096).
+fn balanced_tuning() -> Result<(usize, usize)> {
+    static T: OnceLock<std::result::Result<(usize, usize), String>> = OnceLock::new();
+    T.get_or_init(|| {
+        let read = || -> Result<(usize, usize)> {
+            let waves = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_WAVES", 1, "waves")?;
+            let cost = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_COST", 32, "tokens")?;
+            Ok((waves.clamp(1, 16), cost.min(4096)))
+        };
+        read().map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(Error::Other)
+}
+
 /// Whether decode attention runs balanced (`attn_decode_bal_hd*_g*`): `NANOVLLM_ATTN_BALANCED`,
-/// off by default.
+/// off by default. Timed alone it beats the split kernel on mixed context lengths, but inside
+/// the engine it measured slower (docs/perf-notes.md, "Balanced decode attention").
 fn balanced_decode() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_BALANCED", false))
