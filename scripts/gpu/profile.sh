@@ -15,6 +15,7 @@
 # include the wait for rank 1.
 # Usage (repository root, GPU machine): PROFILE_MODEL=qwen3-8b PROFILE_LAYERS=36 \
 #   PROFILE_BATCH=256 PROFILE_TP=2 scripts/gpu/profile.sh
+# (PROFILE_MIN_INPUT=100 PROFILE_INPUT=2000: prompts of 100..2,000 tokens in one batch.)
 # Expects gpu/bin/nanovllm (scripts/gpu/stage.sh). Logs go to $OUT (default /tmp/nanovllm-prof).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,10 +26,12 @@ layers="${PROFILE_LAYERS:-28}"
 batch="${PROFILE_BATCH:-1}"
 tokens="${PROFILE_TOKENS:-32}"
 input="${PROFILE_INPUT:-512}"
+# PROFILE_MIN_INPUT below PROFILE_INPUT gives prompts of mixed lengths (the serving mix).
+min_input="${PROFILE_MIN_INPUT:-$input}"
 tp="${PROFILE_TP:-1}"
 ncu_bin="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 mkdir -p "$out"
-args=(bench --model "$model" --tp "$tp" --num-seqs "$batch" --min-input-len "$input" --max-input-len "$input"
+args=(bench --model "$model" --tp "$tp" --num-seqs "$batch" --min-input-len "$min_input" --max-input-len "$input"
     --min-output-len "$tokens" --max-output-len "$tokens" --json)
 
 timeout 300 "$bin" "${args[@]}" >"$out/plain.json" 2>"$out/plain.err" || {
@@ -40,7 +43,7 @@ NANOVLLM_PROFILE_DECODE=1 timeout 900 "$ncu_bin" --graph-profiling node --profil
     "$bin" "${args[@]}" >"$out/ncu.csv" 2>"$out/ncu.err" || {
     echo "profile: ncu run failed:"; tail -5 "$out/ncu.err"; exit 1; }
 
-python3 - "$out/ncu.csv" "$layers" "$step_ms" "$model" "$batch" "$tp" "$input" <<'PY'
+python3 - "$out/ncu.csv" "$layers" "$step_ms" "$model" "$batch" "$tp" "$([ "$min_input" = "$input" ] && echo "$input" || echo "$min_input..$input")" <<'PY'
 import collections, csv, io, sys
 path, layers, step_ms, model, batch, tp, prompt = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), *sys.argv[4:]
 text = open(path, errors="replace").read()
