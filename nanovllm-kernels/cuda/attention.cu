@@ -430,8 +430,9 @@ DECODE_KERNEL(128, 8)
 
 // ---------------------------------------------------------------------------------------------
 // Decode, balanced: every CTA of a fixed grid reads the same number of K/V tokens.
-// Opt-in (NANOVLLM_ATTN_BALANCED=1): faster than attn_decode_hd*_g* on mixed context lengths
-// when timed alone, slower inside the engine (docs/perf-notes.md, "Balanced decode attention").
+// Opt-in (NANOVLLM_ATTN_BALANCED=1): faster than attn_decode_hd*_g* on mixed context lengths in
+// no particular order, slower on the engine's batches, which run longest context first
+// (docs/perf-notes.md, "Balanced decode attention").
 //
 // The batch's sequences are laid end to end on a line, each as piece_cost + its context tokens
 // (piece_cost stands for the fixed cost of starting a piece: loading q, merging the warps;

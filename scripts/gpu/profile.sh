@@ -61,7 +61,7 @@ for row in csv.DictReader(io.StringIO(text[start:])):
     scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(unit, 1e-3)
     total[name] += value * scale
     calls[name] += 1
-attn = sum(c for n, c in calls.items() if n.startswith("attn_decode_hd"))
+attn = sum(c for n, c in calls.items() if n.startswith(("attn_decode_hd", "attn_decode_bal_hd")))
 steps = attn / layers if attn else 0
 if steps == 0:
     sys.exit("profile: no decode-attention kernel found; is PROFILE_LAYERS right?")

@@ -581,8 +581,10 @@ fn balanced_tuning() -> Result<(usize, usize)> {
 }
 
 /// Whether decode attention runs balanced (`attn_decode_bal_hd*_g*`): `NANOVLLM_ATTN_BALANCED`,
-/// off by default. Timed alone it beats the split kernel on mixed context lengths, but inside
-/// the engine it measured slower (docs/perf-notes.md, "Balanced decode attention").
+/// off by default. It beats the split kernel on mixed context lengths in no particular order;
+/// the engine runs a batch longest context first, which brings the split kernel to the copy
+/// bandwidth, and there the balanced one measured slower (docs/perf-notes.md, "Balanced decode
+/// attention").
 fn balanced_decode() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_BALANCED", false))
