@@ -128,6 +128,9 @@ pub struct CudaBackend {
     sample_parts: Mutex<SampleParts>,
     /// Arrival counters of decode attention's splits (zero between launches).
     split_counters: Mutex<CudaSlice<u32>>,
+    /// Scratch buffers replaced by larger ones, kept until the backend is dropped: a CUDA
+    /// graph captured before the growth still reads and writes the old address.
+    retired: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
     /// Whether every kernel module was loaded from its sm_90 machine code (else from PTX).
     machine_code: bool,
 }
@@ -337,6 +340,7 @@ impl CudaBackend {
             staging: Mutex::new(staging),
             sample_parts: Mutex::new(sample_parts),
             split_counters: Mutex::new(split_counters),
+            retired: Mutex::new(Vec::new()),
             machine_code,
         })
     }
@@ -480,18 +484,19 @@ impl CudaBackend {
     /// A device scratch buffer of at least `len` f32 (split-K partial results), locked for
     /// the caller while the guard lives. Its contents are unspecified.
     ///
-    /// It grows (a new allocation, the old one freed in stream order) only when asked for
-    /// more than it holds. Growing is refused while the stream is being captured into a CUDA
-    /// graph: run each shape once before capturing it (the model runner's warm-up does), so
-    /// that the buffer already has its final size.
+    /// It grows (a new allocation; the old one is kept alive, see [`Self::retire`]) only when
+    /// asked for more than it holds. Growing is refused while the stream is being captured into
+    /// a CUDA graph: run each shape once before capturing it (the model runner's warm-up does),
+    /// so that the buffer has the size that graph needs.
     pub(crate) fn scratch_f32(&self, len: usize) -> Result<MutexGuard<'_, CudaSlice<f32>>> {
         let mut g = lock(&self.scratch, "cuda: scratch buffer")?;
         if g.len() < len {
             self.refuse_growth_in_capture("scratch_f32", g.len(), len)?;
             let new_len = len.max(2 * g.len());
             // SAFETY: scratch contents are unspecified; kernels write before they read.
-            *g = unsafe { self.stream.alloc::<f32>(new_len) }
+            let new = unsafe { self.stream.alloc::<f32>(new_len) }
                 .map_err(|e| driver_err(&format!("scratch_f32: {new_len} floats"), e))?;
+            self.retire(std::mem::replace(&mut *g, new))?;
         }
         Ok(g)
     }
@@ -504,10 +509,11 @@ impl CudaBackend {
         if g.len() < len {
             self.refuse_growth_in_capture("split_counters", g.len(), len)?;
             let new_len = len.max(2 * g.len());
-            *g = self
+            let new = self
                 .stream
                 .alloc_zeros::<u32>(new_len)
                 .map_err(|e| driver_err(&format!("split_counters: {new_len} counters"), e))?;
+            self.retire(std::mem::replace(&mut *g, new))?;
         }
         Ok(g)
     }
@@ -519,13 +525,26 @@ impl CudaBackend {
             self.refuse_growth_in_capture("sample", g.key.len(), len)?;
             let new_len = len.max(2 * g.key.len());
             // SAFETY: as in scratch_f32.
-            g.key = unsafe { self.stream.alloc::<f32>(new_len) }
+            let key = unsafe { self.stream.alloc::<f32>(new_len) }
                 .map_err(|e| driver_err("sample: partial keys", e))?;
             // SAFETY: as in scratch_f32.
-            g.idx = unsafe { self.stream.alloc::<u32>(new_len) }
+            let idx = unsafe { self.stream.alloc::<u32>(new_len) }
                 .map_err(|e| driver_err("sample: partial indices", e))?;
+            self.retire(std::mem::replace(&mut g.key, key))?;
+            self.retire(std::mem::replace(&mut g.idx, idx))?;
         }
         Ok(g)
+    }
+
+    /// Keeps a scratch buffer that a larger one replaced alive until the backend is dropped.
+    /// Decode graphs are captured largest batch first, each after an eager run that sizes the
+    /// scratch; a smaller batch may need more (more attention splits per sequence), and the
+    /// graphs captured before it still point at the old buffer. Freeing it would let a later
+    /// allocation take that memory while those graphs write into it. The buffers only double,
+    /// so what is kept is at most the size of the live one.
+    fn retire<T: std::any::Any + Send>(&self, old: T) -> Result<()> {
+        lock(&self.retired, "cuda: retired scratch")?.push(Box::new(old));
+        Ok(())
     }
 
     fn refuse_growth_in_capture(&self, what: &str, have: usize, want: usize) -> Result<()> {
