@@ -673,7 +673,9 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     // (batch, context, query heads, kv heads): 16 query heads over 8 kv heads is
     // Qwen3-0.6B/1.7B, 32 is Qwen3-4B/8B (group 4), 16 over 4 a tp 2 rank of Qwen3-8B. A
     // context of 0 stands for the serving mix: 100..2,000 tokens in one batch (max_context_len
-    // 4,096, as a decode graph passes a longer one than the batch holds).
+    // 4,096, as a decode graph passes a longer one than the batch holds), in no particular
+    // order; a context of 1 stands for the same mix longest first, the order the engine runs
+    // a decode batch in.
     let shapes: &[(usize, usize, usize, usize)] = &[
         (256, 1024, 16, 8),
         (16, 8192, 16, 8),
@@ -689,12 +691,19 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         (256, 0, 16, 4),
         (128, 0, 16, 4),
         (64, 0, 16, 4),
+        (256, 1, 32, 8),
+        (256, 1, 16, 4),
+        (128, 1, 16, 4),
     ];
     for &(n, ctx, nh, nkv) in shapes {
-        let lens: Vec<usize> = if ctx == 0 {
-            (0..n).map(|i| 100 + (i * 733) % 1900).collect()
-        } else {
-            vec![ctx; n]
+        let lens: Vec<usize> = match ctx {
+            0 => (0..n).map(|i| 100 + (i * 733) % 1900).collect(),
+            1 => {
+                let mut l: Vec<usize> = (0..n).map(|i| 100 + (i * 733) % 1900).collect();
+                l.sort_unstable_by(|a, b| b.cmp(a));
+                l
+            }
+            _ => vec![ctx; n],
         };
         let tokens: usize = lens.iter().sum();
         let c = DecodeCase {
@@ -704,7 +713,7 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
             nkv,
             hd: 128,
             bs: 256,
-            max_ctx: if ctx == 0 { 4096 } else { ctx },
+            max_ctx: if ctx <= 1 { 4096 } else { ctx },
             q_scale: 1.0,
         };
         let x = decode_inputs(&c, 99 + n as u64);
@@ -723,6 +732,7 @@ fn bench(gpu: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         let gbs = bytes / (ms * 1e-3);
         let what = match (ctx, nh / nkv) {
             (0, g) => format!("decode {n} x 100..2000 g{g} kv{nkv}"),
+            (1, g) => format!("decode {n} x 2000..100 g{g} kv{nkv}"),
             (_, 2) => format!("decode {n} x {ctx}"),
             (_, g) => format!("decode {n} x {ctx} g{g}"),
         };
