@@ -590,11 +590,10 @@ __device__ __forceinline__ void decode_balanced_body(
             if (s_last) {
                 __threadfence();  // the other pieces' partials are read after their arrivals
                 for (int e = tid; e < G * HD; e += DEC_THREADS) {
-                    const int g = e / HD, d = e % HD;
-                    out[(size_t)i * out_stride + (size_t)(kvh * G + g) * HD + d] =
-                        __float2bfloat16(combine_splits(part_ml, part_o,
-                                                        (size_t)(kvh * G + g) * num_slots + first + i,
-                                                        last - first + 1, HD, d));
+                    const int h = kvh * G + e / HD, d = e % HD;
+                    const size_t base = (size_t)h * num_slots + first + i;
+                    out[(size_t)i * out_stride + (size_t)h * HD + d] = __float2bfloat16(
+                        combine_splits(part_ml, part_o, base, last - first + 1, HD, d));
                 }
                 if (tid == 0) counters[seg] = 0u;
             }

@@ -466,9 +466,9 @@ static BALANCED_CTAS_PER_SM: [[AtomicU32; 8]; 2] = [const { [const { AtomicU32::
 
 /// Decode attention by `attn_decode_bal_hd*_g*`: a whole number of waves of CTAs, each
 /// reading the same number of K/V tokens of the batch's contexts laid end to end (the kernel
-/// source describes the partition). Returns `false`, having queued nothing, where a batch is too large for its
-/// positions to fit an i32 or its prefix sums to fit shared memory; the split kernel then
-/// runs instead.
+/// source describes the partition). Returns `false`, having queued nothing, where a batch is
+/// too large for its positions to fit an i32 or its prefix sums to fit shared memory; the
+/// split kernel then runs instead.
 fn decode_attention_balanced(
     be: &CudaBackend,
     a: &DecodeArgs<'_>,
