@@ -189,16 +189,12 @@ const MAX_DECODE_WAVES: usize = 64;
 /// [`DECODE_WAVES`], or `NANOVLLM_ATTN_WAVES` where set, within 1..=[`MAX_DECODE_WAVES`] (an
 /// error when it is not a number).
 fn decode_waves() -> Result<usize> {
-    static WAVES: std::sync::OnceLock<std::result::Result<usize, String>> =
-        std::sync::OnceLock::new();
-    WAVES
-        .get_or_init(|| {
-            nanovllm_utils::env_count("NANOVLLM_ATTN_WAVES", DECODE_WAVES, "waves")
-                .map(|w| w.clamp(1, MAX_DECODE_WAVES))
-                .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(Error::Other)
+    static WAVES: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    super::env_once(&WAVES, || {
+        nanovllm_utils::env_count("NANOVLLM_ATTN_WAVES", DECODE_WAVES, "waves")
+            .map(|w| w.clamp(1, MAX_DECODE_WAVES))
+    })
+    .copied()
 }
 
 /// Decode kernels by head size (64, 128) and group size (1..=8): `attn_decode_hd{d}_g{g}`.
@@ -568,16 +564,12 @@ fn decode_attention_balanced(
 /// default 32, at most 4096).
 fn balanced_tuning() -> Result<(usize, usize)> {
     static T: OnceLock<std::result::Result<(usize, usize), String>> = OnceLock::new();
-    T.get_or_init(|| {
-        let read = || -> Result<(usize, usize)> {
-            let waves = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_WAVES", 1, "waves")?;
-            let cost = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_COST", 32, "tokens")?;
-            Ok((waves.clamp(1, 16), cost.min(4096)))
-        };
-        read().map_err(|e| e.to_string())
+    super::env_once(&T, || {
+        let waves = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_WAVES", 1, "waves")?;
+        let cost = nanovllm_utils::env_count("NANOVLLM_ATTN_BAL_COST", 32, "tokens")?;
+        Ok((waves.clamp(1, 16), cost.min(4096)))
     })
-    .clone()
-    .map_err(Error::Other)
+    .copied()
 }
 
 /// Whether decode attention runs balanced (`attn_decode_bal_hd*_g*`): `NANOVLLM_ATTN_BALANCED`,

@@ -285,22 +285,17 @@ struct TmaSettings {
 /// The [`TmaSettings`]; a value that is not a number is an error naming its variable.
 fn tma_settings() -> Result<&'static TmaSettings> {
     static SETTINGS: OnceLock<std::result::Result<TmaSettings, String>> = OnceLock::new();
-    SETTINGS
-        .get_or_init(|| {
-            let count = |var, default, what| {
-                nanovllm_utils::env_count(var, default, what).map_err(|e| e.to_string())
-            };
-            Ok(TmaSettings {
-                enabled: nanovllm_utils::env_switch("NANOVLLM_GEMM_TMA", true),
-                max_m: count("NANOVLLM_GEMM_TMA_MAX_M", TMA_MAX_M, "rows")?.min(256),
-                warpgroups: count("NANOVLLM_GEMM_TMA_WG", 0, "warpgroups (0: automatic)")?,
-                split: count("NANOVLLM_GEMM_TMA_SPLIT", 0, "CTAs per tile (0: automatic)")?,
-                smem_budget: count("NANOVLLM_GEMM_TMA_SMEM_KB", TMA_SMEM_KB, "KiB")?.clamp(64, 227)
-                    * 1024,
-            })
+    super::env_once(&SETTINGS, || {
+        let count = nanovllm_utils::env_count;
+        Ok(TmaSettings {
+            enabled: nanovllm_utils::env_switch("NANOVLLM_GEMM_TMA", true),
+            max_m: count("NANOVLLM_GEMM_TMA_MAX_M", TMA_MAX_M, "rows")?.min(256),
+            warpgroups: count("NANOVLLM_GEMM_TMA_WG", 0, "warpgroups (0: automatic)")?,
+            split: count("NANOVLLM_GEMM_TMA_SPLIT", 0, "CTAs per tile (0: automatic)")?,
+            smem_budget: count("NANOVLLM_GEMM_TMA_SMEM_KB", TMA_SMEM_KB, "KiB")?.clamp(64, 227)
+                * 1024,
         })
-        .as_ref()
-        .map_err(|e| Error::Other(e.clone()))
+    })
 }
 
 /// MMA warpgroups of the TMA kernel for a product of `m` rows and `n` weight rows on a GPU of

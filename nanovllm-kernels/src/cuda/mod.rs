@@ -40,7 +40,7 @@ pub use nccl::{nccl_unique_id, NcclComm, NCCL_ID_BYTES};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::sys::{
     CUdevice_attribute, CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode,
@@ -148,6 +148,17 @@ fn no_driver(ordinal: usize, why: &str) -> Error {
     Error::Cuda(format!(
         "no CUDA driver found for cuda:{ordinal} ({why}); use --device cpu"
     ))
+}
+
+/// Settings a launcher reads from the environment once per process: `read`'s value, kept in
+/// `cell`, or its error, kept as text so that every later call reports it too.
+pub(crate) fn env_once<T>(
+    cell: &'static OnceLock<std::result::Result<T, String>>,
+    read: impl FnOnce() -> Result<T>,
+) -> Result<&'static T> {
+    cell.get_or_init(|| read().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Other(e.clone()))
 }
 
 fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
