@@ -10,7 +10,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "pdl.cuh"
+#include "qk_rope.cuh"
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
@@ -27,20 +27,17 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     return r;
 }
 
-// Two bf16 packed in a u32 -> two f32 (a bf16 is the top half of an f32).
-__device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
-
-__device__ __forceinline__ void unpack8(const uint4& r, float* f) {
-    f[0] = bf_lo(r.x); f[1] = bf_hi(r.x);
-    f[2] = bf_lo(r.y); f[3] = bf_hi(r.y);
-    f[4] = bf_lo(r.z); f[5] = bf_hi(r.z);
-    f[6] = bf_lo(r.w); f[7] = bf_hi(r.w);
-}
-
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
+// The same 16-byte load, weak and coherent (not through the non-coherent path): for the one CTA
+// per (sequence, kv head) of the attn_decode_rope kernels that first writes this step's K/V row
+// into the cache and then reads it back after a barrier (an ld.global.nc of data written by the
+// same kernel is undefined; a .cg load would be a strong one, measured slower). Volatile, so it
+// stays after that barrier.
+__device__ __forceinline__ uint4 ld_kv16(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
 }
 
 // A split's token count is a multiple of DEC_SPLIT_GRANULE and, unless the launch's own size is
@@ -178,10 +175,79 @@ __device__ __forceinline__ void dec_load_q(const __nv_bfloat16* __restrict__ qkv
     }
 }
 
+// What the attn_decode_rope kernels need besides the decode arguments: Qwen3's q/k norms, the
+// rotary table, and where this step's K/V rows go (qk_norm_rope_store's arguments, rope.cu).
+struct DecRope {
+    const __nv_bfloat16* q_norm;
+    const __nv_bfloat16* k_norm;
+    float eps;
+    const int* positions;
+    const float* cos_sin;
+    int max_position;
+    const int* slot_mapping;
+    long long num_slots;
+    __nv_bfloat16* k_cache;  // the caches the decode reads, written here
+    __nv_bfloat16* v_cache;
+};
+
+// This lane's cos/sin values of position `pos` (clamped into the table, as rope.cu).
+template <int HD>
+__device__ __forceinline__ void dec_cos_sin(const DecRope& rope, int pos, int sub, float (&cosv)[8],
+                                            float (&sinv)[8]) {
+    pos = min(max(pos, 0), rope.max_position - 1);
+    load_cos_sin(rope.cos_sin + (size_t)pos * HD, sub, HD, cosv, sinv);
+}
+
+// dec_load_q for a qkv row whose q heads are not yet normed and rotated: each head normed and
+// rotated as qk_norm_rope_store does (norm_rope8 over the LPK lanes of the group, rounded to
+// bf16 as its store rounds), then pre-scaled: the same values dec_load_q reads after it.
+template <int HD, int G>
+__device__ __forceinline__ void dec_load_q_rope(const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+                                                int seq, int kvh, int sub, float scale_log2,
+                                                const DecRope& rope, const float (&cosv)[8],
+                                                const float (&sinv)[8], float (&q)[G][8]) {
+    const uint4 w = ld_weight(rope.q_norm + sub * 8);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const uint4 r = *reinterpret_cast<const uint4*>(
+            qkv + (size_t)seq * qkv_stride + (size_t)(kvh * G + g) * HD + sub * 8);
+        unpack8(r, q[g]);
+        norm_rope8(q[g], w, cosv, sinv, sub, HD / 8, HD, rope.eps);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[g][j] = round_bf16(q[g][j]) * scale_log2;
+    }
+}
+
+// Sequence `seq`'s k head `kvh` normed and rotated, and its v head as it is, written to cache
+// slot slot_mapping[seq] (none for -1 or a slot beyond the cache), as qk_norm_rope_store
+// stores them. Called by every lane of one warp (norm_rope8 shuffles); the first LPK lanes
+// store.
+template <int HD>
+__device__ __forceinline__ void dec_store_kv_rope(const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+                                                  int seq, int kvh, int num_heads, int num_kv_heads,
+                                                  int sub, const DecRope& rope,
+                                                  const float (&cosv)[8], const float (&sinv)[8]) {
+    const __nv_bfloat16* row = qkv + (size_t)seq * qkv_stride;
+    const uint4 w = ld_weight(rope.k_norm + sub * 8);
+    const uint4 kraw = ld16(row + (size_t)(num_heads + kvh) * HD + sub * 8);
+    const uint4 vraw = ld16(row + (size_t)(num_heads + num_kv_heads + kvh) * HD + sub * 8);
+    const int slot = rope.slot_mapping[seq];
+    float x[8];
+    unpack8(kraw, x);
+    norm_rope8(x, w, cosv, sinv, sub, HD / 8, HD, rope.eps);
+    if ((threadIdx.x & 31) < HD / 8 && slot >= 0 && slot < rope.num_slots) {
+        const size_t dst = (size_t)slot * num_kv_heads * HD + (size_t)kvh * HD + sub * 8;
+        st16(rope.k_cache + dst, pack8(x));
+        st16(rope.v_cache + dst, vraw);
+    }
+}
+
 // Folds tokens [t0, t1) of one (sequence, kv head) into the lane group's state. `s_bt` holds
 // the block ids of the blocks from b0 on that cover the range; `head_off` is the kv head's and
-// lane's offset within a cache row. The warps take chunks of CK tokens in turn.
-template <int HD, int G>
+// lane's offset within a cache row. The warps take chunks of CK tokens in turn. NC: K/V through
+// the non-coherent path (ld_stream16); without it by coherent loads (ld_kv16), for a CTA that
+// wrote one of the rows itself. The arithmetic is the same either way.
+template <int HD, int G, bool NC = true>
 __device__ __forceinline__ void dec_attend(
     const float (&q)[G][8], DecState<G>& st, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int* s_bt, int b0, int t0, int t1,
@@ -203,8 +269,8 @@ __device__ __forceinline__ void dec_attend(
             const int blk = s_bt[(t >> log2_bs) - b0];
             const size_t off =
                 ((size_t)blk * (bs_mask + 1) + (t & bs_mask)) * row_stride + head_off;
-            kr[u] = ld_stream16(k_cache + off);
-            vr[u] = ld_stream16(v_cache + off);
+            kr[u] = NC ? ld_stream16(k_cache + off) : ld_kv16(k_cache + off);
+            vr[u] = NC ? ld_stream16(v_cache + off) : ld_kv16(v_cache + off);
         }
 
         float sc[G][U];
@@ -325,14 +391,19 @@ __device__ __forceinline__ void dec_merge(DecState<G>& st, Emit emit) {
     }
 }
 
-template <int HD, int G>
+// ROPE (the attn_decode_rope kernels): q is normed and rotated here (dec_load_q_rope), and the
+// CTA whose split holds the sequence's last token (split 0 for an empty context) first stores
+// this step's K/V row (dec_store_kv_rope) and reads its split by coherent loads; the results are
+// those of qk_norm_rope_store followed by the plain kernel, bit for bit.
+template <int HD, int G, bool ROPE>
 __device__ __forceinline__ void decode_body(
     const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
     const __nv_bfloat16* __restrict__ k_cache, const __nv_bfloat16* __restrict__ v_cache,
     const int* context_lens, const int* block_tables,
     int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs, float scale_log2,
     int max_context_len, int tokens_per_split, int num_splits,
-    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters)
+    __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o, unsigned int* counters,
+    const DecRope& rope)
 {
     extern __shared__ int s_bt[];         // this split's slice of the block table
 
@@ -346,9 +417,16 @@ __device__ __forceinline__ void decode_body(
     // block ids outside the cache are contract violations: clamp them rather than read out of
     // bounds.
     const int ctx = min(context_lens[seq], max_context_len);
+    const int pos = ROPE ? rope.positions[seq] : 0;  // requested together with the length
     const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
     const int t0 = split * tps;
     const int t1 = min(ctx, t0 + tps);
+    const bool stores = ROPE && split == (ctx > 0 ? min((ctx - 1) / tps, num_splits - 1) : 0);
+    float cosv[8], sinv[8];
+    if (ROPE) dec_cos_sin<HD>(rope, pos, sub, cosv, sinv);
+    if (stores && tid < 32)
+        dec_store_kv_rope<HD>(qkv, qkv_stride, seq, kvh, num_heads, num_kv_heads, sub, rope, cosv,
+                              sinv);
     if (t0 >= t1) {
         // No tokens here. With one split this CTA still owns the output (an empty context
         // gives zeros); with several the reduce kernel skips this split.
@@ -369,13 +447,20 @@ __device__ __forceinline__ void decode_body(
         s_bt[i] = min((unsigned)bt[b0 + i], (unsigned)(num_blocks - 1));
 
     float q[G][8];
-    dec_load_q<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, q);
-    __syncthreads();
+    if (ROPE)
+        dec_load_q_rope<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, rope, cosv, sinv, q);
+    else
+        dec_load_q<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, q);
+    __syncthreads();  // the block-table slice, and the K/V row this CTA stored
 
     DecState<G> st;
     dec_init(st);
-    dec_attend<HD, G>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
-                      (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
+    if (stores)
+        dec_attend<HD, G, false>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
+                                 (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
+    else
+        dec_attend<HD, G>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
+                          (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
 
     dec_merge<HD, G>(st, [&](int g, int d, float r, float mx, float sum) {
         const int h = kvh * G + g;
@@ -395,6 +480,12 @@ __device__ __forceinline__ void decode_body(
                                   num_kv_heads, kvh, seq, out);
 }
 
+// Resident CTAs per SM the attn_decode_rope kernels are compiled for: as many as the plain
+// kernel of the same shape gets, so that both see the same occupancy (the launcher sizes the
+// splits from the plain kernel's). Without the cap the extra registers of the norm and
+// rotation cost a CTA per SM at hd 128, g 4 (Qwen3-8B at tp 1 and tp 2).
+#define DEC_ROPE_MIN_CTAS(HD, G) ((G) <= 4 ? 4 : ((G) <= 6 ? 3 : 2))
+
 #define DECODE_KERNEL(HD, G)                                                                  \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) attn_decode_hd##HD##_g##G(      \
         const __nv_bfloat16* __restrict__ qkv, int qkv_stride,                               \
@@ -405,10 +496,31 @@ __device__ __forceinline__ void decode_body(
         __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o,                      \
         unsigned int* counters) {                                                            \
         pdl_begin();                                                                         \
-        decode_body<HD, G>(qkv, qkv_stride, k_cache, v_cache, context_lens, block_tables,    \
-                           max_blocks_per_seq, num_kv_heads, num_blocks, log2_bs, scale_log2, \
-                           max_context_len, tokens_per_split, num_splits, out, part_ml,      \
-                           part_o, counters);                                                \
+        const DecRope none = {};                                                             \
+        decode_body<HD, G, false>(qkv, qkv_stride, k_cache, v_cache, context_lens,           \
+                                  block_tables, max_blocks_per_seq, num_kv_heads, num_blocks, \
+                                  log2_bs, scale_log2, max_context_len, tokens_per_split,    \
+                                  num_splits, out, part_ml, part_o, counters, none);         \
+    }                                                                                        \
+    /* The same with Qwen3's q/k norm, RoPE and the K/V store of qk_norm_rope_store folded     \
+       in (decode_body's ROPE): the cache is written, so its pointers carry no __restrict__. */ \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, DEC_ROPE_MIN_CTAS(HD, G))       \
+        attn_decode_rope_hd##HD##_g##G(                                                      \
+        const __nv_bfloat16* __restrict__ qkv, int qkv_stride, __nv_bfloat16* k_cache,       \
+        __nv_bfloat16* v_cache, const int* context_lens, const int* block_tables,            \
+        int max_blocks_per_seq, int num_kv_heads, int num_blocks, int log2_bs,               \
+        float scale_log2, int max_context_len, int tokens_per_split, int num_splits,          \
+        __nv_bfloat16* __restrict__ out, float* part_ml, float* part_o,                      \
+        unsigned int* counters, const __nv_bfloat16* q_norm, const __nv_bfloat16* k_norm,    \
+        float eps, const int* positions, const float* cos_sin, int max_position,            \
+        const int* slot_mapping, long long num_slots) {                                      \
+        pdl_begin();                                                                         \
+        const DecRope rope = {q_norm,       k_norm,    eps,     positions, cos_sin,          \
+                              max_position, slot_mapping, num_slots, k_cache, v_cache};     \
+        decode_body<HD, G, true>(qkv, qkv_stride, k_cache, v_cache, context_lens,            \
+                                 block_tables, max_blocks_per_seq, num_kv_heads, num_blocks,  \
+                                 log2_bs, scale_log2, max_context_len, tokens_per_split,     \
+                                 num_splits, out, part_ml, part_o, counters, rope);          \
     }
 
 DECODE_KERNEL(64, 1)

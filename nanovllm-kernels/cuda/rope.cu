@@ -21,62 +21,7 @@
 // cache, are bit-identical to qk_norm_rope followed by store_kvcache; v heads are copied bit
 // for bit. Positions outside the cos/sin table are clamped to its last row (the table covers
 // max_position_embeddings; the engine never asks beyond it).
-#include "common.cuh"
-
-// The lane's 8 cos and 8 sin values for its elements of a head (`sub`: its index within the
-// head), from the cos/sin row `cs` of the token's position; zeros when `cs` is null.
-__device__ __forceinline__ void load_cos_sin(const float* __restrict__ cs, int sub, int head_dim,
-                                             float (&cosv)[8], float (&sinv)[8]) {
-    const int half = head_dim >> 1;
-    const int c = sub * 8 < half ? sub * 8 : sub * 8 - half;  // index into the cos and sin halves
-    if (cs != nullptr) {
-        const float4 c0 = *reinterpret_cast<const float4*>(cs + c);
-        const float4 c1 = *reinterpret_cast<const float4*>(cs + c + 4);
-        const float4 s0 = *reinterpret_cast<const float4*>(cs + half + c);
-        const float4 s1 = *reinterpret_cast<const float4*>(cs + half + c + 4);
-        cosv[0] = c0.x; cosv[1] = c0.y; cosv[2] = c0.z; cosv[3] = c0.w;
-        cosv[4] = c1.x; cosv[5] = c1.y; cosv[6] = c1.z; cosv[7] = c1.w;
-        sinv[0] = s0.x; sinv[1] = s0.y; sinv[2] = s0.z; sinv[3] = s0.w;
-        sinv[4] = s1.x; sinv[5] = s1.y; sinv[6] = s1.z; sinv[7] = s1.w;
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) cosv[k] = sinv[k] = 0.f;
-    }
-}
-
-// Normalizes and rotates one head spread over `lanes` lanes, 8 elements per lane in `x`, in
-// place, with the lane's 8 elements of the norm weight `w` (16 bytes as loaded) and its cos
-// and sin values (load_cos_sin). `sub` is the lane's index within its head. Every lane of the
-// warp must call it together (the reductions and the rotation shuffle across lanes); a lane
-// without a head to work on passes zeros everywhere and ignores the result. Its inputs come
-// in as arguments so that the kernels request them before the reductions: the weight before
-// waiting for the previous kernel, the cos/sin values together with the row.
-__device__ __forceinline__ void norm_rope8(float (&x)[8], const uint4& w, const float (&cosv)[8],
-                                           const float (&sinv)[8], int sub, int lanes,
-                                           int head_dim, float eps) {
-    const int half = head_dim >> 1;
-    float ss = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) ss += x[k] * x[k];
-    for (int o = lanes >> 1; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float inv = rsqrtf(ss / (float)head_dim + eps);
-
-    float wv[8];
-    unpack8(w, wv);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = round_bf16(round_bf16(x[k] * inv) * wv[k]);
-
-    const bool first = sub * 8 < half;
-    float y[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const float other = __shfl_xor_sync(0xffffffffu, x[k], lanes >> 1);
-        // first half: x1*cos - x2*sin; second half: x2*cos + x1*sin
-        y[k] = first ? x[k] * cosv[k] - other * sinv[k] : x[k] * cosv[k] + other * sinv[k];
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = y[k];
-}
+#include "qk_rope.cuh"
 
 // The cos/sin row of token `token`'s position, clamped into the table. `positions` (and
 // `slot_mapping`) are not __restrict__: ptxas moves the ld.global.nc loads that makes of them

@@ -12,7 +12,8 @@
 //!   sampling, and for sampled tokens equality on at least 99% of the rows.
 //!
 //! A fused op is also compared bit for bit with the CUDA backend's own run of the ops it
-//! fuses, on the same inputs.
+//! fuses, on the same inputs. The opt-in fused decode block (`decode_attention_rope`'s kernel,
+//! `NANOVLLM_ATTN_ROPE`) is switched on here unless the variable is set.
 //!
 //! Prints one line per case (op, shape, error, tolerance, PASS/FAIL) and a summary, and exits
 //! non-zero on any failure. `OP_CHECK_SEED=<n>` repeats a run's inputs; `OP_CHECK_FILTER=<s>`
@@ -23,6 +24,7 @@
 
 use std::time::Instant;
 
+use nanovllm_kernels::backend::decode_attention_rope_unfused;
 use nanovllm_kernels::backend::Elem;
 use nanovllm_kernels::cpu::{rope_cos_sin_cache, CpuBackend};
 use nanovllm_kernels::cuda::{CudaBackend, GemmPolicy, GemmTuning, SKINNY_LIMIT};
@@ -1110,6 +1112,7 @@ impl Case for SampleShard {
 }
 
 /// A paged KV cache filled with random values, and block tables into it.
+#[derive(Clone)]
 struct Paged {
     attn: AttnParams,
     k_cache: Vec<bf16>,
@@ -1152,6 +1155,7 @@ impl Paged {
     }
 }
 
+#[derive(Clone)]
 struct Decode {
     ctx: Vec<usize>,
     /// The max_context_len passed: the longest context, or more (a graph captured for the
@@ -1241,6 +1245,132 @@ impl Case for Decode {
             &mut out,
         )?;
         Ok(vec![out_bf16(b, "out", &out, len)?])
+    }
+}
+
+/// A decode step's attention block after its QKV projection: `decode_attention_rope` (`fused`),
+/// or the `qk_norm_rope_store` + `decode_attention` it stands for, on the same inputs. As in
+/// the engine, each sequence's last block (where its new token goes, at position `ctx - 1`)
+/// belongs to it alone; padding rows (no context) and every ninth sequence store nothing
+/// (slot -1), so their last cache row is the old one.
+#[derive(Clone)]
+struct DecodeRope {
+    decode: Decode,
+    q_norm: Vec<bf16>,
+    k_norm: Vec<bf16>,
+    positions: Vec<i32>,
+    cos_sin: Vec<f32>,
+    slot_mapping: Vec<i32>,
+    fused: bool,
+}
+
+impl DecodeRope {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rng: &mut Rng,
+        ctx: Vec<usize>,
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        bs: usize,
+        pool: usize,
+        graph_len: usize,
+    ) -> Self {
+        let mut decode = Decode::new(rng, ctx, nh, nkv, d, bs, pool, graph_len);
+        let paged = &mut decode.paged;
+        let row = nkv * d;
+        let first_private = paged.k_cache.len() / (bs * row);
+        let mbps = paged.attn.max_blocks_per_seq;
+        let n = decode.ctx.len();
+        let mut slot_mapping = vec![-1i32; n];
+        for (s, &c) in decode.ctx.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let block = first_private + s;
+            paged.block_tables[s * mbps + (c - 1) / bs] = block as i32;
+            if s % 9 != 4 {
+                slot_mapping[s] = (block * bs + (c - 1) % bs) as i32;
+            }
+        }
+        paged.k_cache.extend(rng.bf16s(n * bs * row, -1.0, 1.0));
+        paged.v_cache.extend(rng.bf16s(n * bs * row, -1.0, 1.0));
+        let max_pos = 40_960;
+        DecodeRope {
+            positions: decode.ctx.iter().map(|&c| c.max(1) as i32 - 1).collect(),
+            decode,
+            q_norm: rng.bf16s(d, 0.5, 1.5),
+            k_norm: rng.bf16s(d, 0.5, 1.5),
+            cos_sin: rope_cos_sin_cache(d, max_pos, 1_000_000.0).expect("valid rope table"),
+            slot_mapping,
+            fused: true,
+        }
+    }
+}
+
+impl Case for DecodeRope {
+    fn size(&self) -> usize {
+        self.decode.size()
+    }
+    fn op(&self) -> &'static str {
+        if self.fused {
+            "decode_attention_rope"
+        } else {
+            "qk_norm_rope_store+decode_attention"
+        }
+    }
+    fn shape(&self) -> String {
+        self.decode.shape()
+    }
+    fn tol(&self) -> Tol {
+        Tol::RelL2(1e-2)
+    }
+    fn run<B: Backend>(&self, b: &B) -> Result<Vec<Checked>> {
+        let d = &self.decode;
+        let a = &d.paged.attn;
+        let mut qkv = up(b, &d.qkv)?;
+        let mut kc = up(b, &d.paged.k_cache)?;
+        let mut vc = up(b, &d.paged.v_cache)?;
+        let lens: Vec<i32> = d.ctx.iter().map(|&c| c as i32).collect();
+        let cl = up(b, &lens)?;
+        let bt = up(b, &d.paged.block_tables)?;
+        let sm = up(b, &self.slot_mapping)?;
+        let (qn, kn) = (up(b, &self.q_norm)?, up(b, &self.k_norm)?);
+        let pos = up(b, &self.positions)?;
+        let cs = up(b, &self.cos_sin)?;
+        let rope = nanovllm_kernels::QkNormRope {
+            q_norm: &qn,
+            k_norm: &kn,
+            eps: 1e-6,
+            positions: &pos,
+            cos_sin: &cs,
+        };
+        let n = d.ctx.len();
+        let len = n * a.num_heads * a.head_dim;
+        let mut out = poisoned(b, len)?;
+        if self.fused {
+            b.decode_attention_rope(
+                &mut qkv, &rope, &sm, &mut kc, &mut vc, &cl, &bt, n, d.max_ctx, a, &mut out,
+            )?;
+        } else {
+            decode_attention_rope_unfused(
+                b,
+                &mut qkv,
+                &rope,
+                &sm,
+                (&mut kc, &mut vc),
+                (&cl, &bt),
+                n,
+                d.max_ctx,
+                a,
+                &mut out,
+            )?;
+        }
+        Ok(vec![
+            out_bf16(b, "out", &out, len)?,
+            full_bf16(b, "k_cache", &kc)?,
+            full_bf16(b, "v_cache", &vc)?,
+        ])
     }
 }
 
@@ -1405,6 +1535,11 @@ impl Case for GraphReplay {
 // ---------------------------------------------------------------- main
 
 fn main() {
+    if std::env::var_os("NANOVLLM_ATTN_ROPE").is_none() {
+        // Before any backend reads it: the check is of the fused kernel, which the engine
+        // runs only when asked.
+        std::env::set_var("NANOVLLM_ATTN_ROPE", "1");
+    }
     let seed = std::env::var("OP_CHECK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -1769,6 +1904,53 @@ fn main() {
             for graph_len in [0, 4096] {
                 let case = Decode::new(&mut rng, ctx.clone(), nh, nkv, d, bs, pool, graph_len);
                 rep.check(&cpu, &gpu, &case);
+            }
+        }
+    }
+    if on("decode_attention_rope") {
+        // The fused block against the CPU's two ops, and against the GPU's own two ops bit for
+        // bit (the same splits; graph_len 4096 as a decode graph passes), over Qwen3's head
+        // layouts (0.6B / 8B at tp 1 and 2: groups 2 and 4; one group of 8 at hd 64).
+        let cases: Vec<(Vec<usize>, usize, usize, usize, usize, usize)> = vec![
+            (vec![1], 16, 8, 128, 256, 4),
+            (
+                vec![1, 2, 255, 256, 257, 511, 1000, 4097],
+                16,
+                8,
+                128,
+                256,
+                40,
+            ),
+            (
+                (0..40)
+                    .map(|i| if i % 7 == 3 { 0 } else { 1 + i * 53 })
+                    .collect(),
+                32,
+                8,
+                128,
+                256,
+                300,
+            ),
+            (
+                (0..256).map(|i| 100 + (i * 733) % 1900).collect(),
+                16,
+                4,
+                128,
+                256,
+                1500,
+            ),
+            ((0..33).map(|i| 3 + i * 61).collect(), 32, 8, 128, 16, 3000),
+            ((0..20).map(|i| 1 + i * 97).collect(), 8, 1, 64, 32, 400),
+        ];
+        for (ctx, nh, nkv, d, bs, pool) in cases {
+            for graph_len in [0, 4096] {
+                let case = DecodeRope::new(&mut rng, ctx.clone(), nh, nkv, d, bs, pool, graph_len);
+                rep.check(&cpu, &gpu, &case);
+                let unfused = DecodeRope {
+                    fused: false,
+                    ..case.clone()
+                };
+                rep.check_same(&gpu, &unfused, &case);
             }
         }
     }

@@ -68,6 +68,62 @@ pub struct SamplingBufs<'a, B: Backend> {
     pub steps: &'a B::Buf<u32>,
 }
 
+/// Qwen3's per-head q/k RMSNorm weights and rotary table for one step: the inputs
+/// [`Backend::qk_norm_rope`] takes besides `qkv`, bundled for [`Backend::decode_attention_rope`].
+pub struct QkNormRope<'a, B: Backend> {
+    /// `[head_dim]` weight of the q heads' RMSNorm.
+    pub q_norm: &'a B::Buf<bf16>,
+    /// `[head_dim]` weight of the k heads' RMSNorm.
+    pub k_norm: &'a B::Buf<bf16>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Position of each row (its row of `cos_sin`).
+    pub positions: &'a B::Buf<i32>,
+    /// `[max_position, head_dim]` rotary table: each row `[cos(head_dim / 2), sin(head_dim / 2)]`.
+    pub cos_sin: &'a B::Buf<f32>,
+}
+
+/// [`Backend::decode_attention_rope`] as its two ops, `qk_norm_rope_store` then
+/// `decode_attention`: the trait's default, and what a backend that fuses them falls back to.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_rope_unfused<B: Backend>(
+    be: &B,
+    qkv: &mut B::Buf<bf16>,
+    rope: &QkNormRope<'_, B>,
+    slot_mapping: &B::Buf<i32>,
+    (k_cache, v_cache): (&mut B::Buf<bf16>, &mut B::Buf<bf16>),
+    (context_lens, block_tables): (&B::Buf<i32>, &B::Buf<i32>),
+    num_seqs: usize,
+    max_context_len: usize,
+    attn: &AttnParams,
+    out: &mut B::Buf<bf16>,
+) -> Result<()> {
+    be.qk_norm_rope_store(
+        qkv,
+        num_seqs,
+        attn,
+        rope.q_norm,
+        rope.k_norm,
+        rope.eps,
+        rope.positions,
+        rope.cos_sin,
+        slot_mapping,
+        k_cache,
+        v_cache,
+    )?;
+    be.decode_attention(
+        qkv,
+        k_cache,
+        v_cache,
+        context_lens,
+        block_tables,
+        num_seqs,
+        max_context_len,
+        attn,
+        out,
+    )
+}
+
 /// A device (CPU or GPU) and the ops the engine runs on it.
 ///
 /// Layers and models are generic over this trait; the CPU implementation is the reference
@@ -198,6 +254,44 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<()> {
         self.qk_norm_rope(qkv, n, attn, q_norm, k_norm, eps, positions, cos_sin)?;
         self.store_kvcache(qkv, n, attn, slot_mapping, k_cache, v_cache)
+    }
+
+    /// [`Backend::qk_norm_rope_store`] on the `num_seqs` rows of `qkv` followed by
+    /// [`Backend::decode_attention`], as one op: a decode step's attention block after its QKV
+    /// projection. The results (`out` and the cache) are those of the two ops in sequence, bit
+    /// for bit; the contents of `qkv` afterwards are unspecified (this default leaves the q/k
+    /// heads normed and rotated, a fused kernel may leave them as they were).
+    ///
+    /// The CUDA backend can run it as one kernel per layer (opt-in, `NANOVLLM_ATTN_ROPE=1`):
+    /// every decode CTA norms and rotates its own query heads, and the CTA that reads a
+    /// sequence's last cache row stores that row first.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention_rope(
+        &self,
+        qkv: &mut Self::Buf<bf16>,
+        rope: &QkNormRope<'_, Self>,
+        slot_mapping: &Self::Buf<i32>,
+        k_cache: &mut Self::Buf<bf16>,
+        v_cache: &mut Self::Buf<bf16>,
+        context_lens: &Self::Buf<i32>,
+        block_tables: &Self::Buf<i32>,
+        num_seqs: usize,
+        max_context_len: usize,
+        attn: &AttnParams,
+        out: &mut Self::Buf<bf16>,
+    ) -> Result<()> {
+        decode_attention_rope_unfused(
+            self,
+            qkv,
+            rope,
+            slot_mapping,
+            (k_cache, v_cache),
+            (context_lens, block_tables),
+            num_seqs,
+            max_context_len,
+            attn,
+            out,
+        )
     }
 
     /// `out = silu(gate) * up` for `n` rows; each row of `gate_up` is `[gate(inter), up(inter)]`,

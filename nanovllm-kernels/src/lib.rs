@@ -29,5 +29,5 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use backend::{philox_uniform, AttnParams, Backend, Elem, GraphExec, SamplingBufs};
+pub use backend::{philox_uniform, AttnParams, Backend, Elem, GraphExec, QkNormRope, SamplingBufs};
 pub use half::bf16;

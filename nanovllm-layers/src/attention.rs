@@ -9,11 +9,12 @@
 //! Qwen3's attention block calls [`Attention::forward_with_qk_norm_rope`], which applies the
 //! q/k norms and RoPE to `qkv` and stores the keys and values in one op
 //! ([`Backend::qk_norm_rope_store`]: one kernel launch per layer fewer than the two ops, which
-//! matters in small-batch decode), then attends. [`Attention::forward`] is the form for a
-//! `qkv` whose q/k heads are already normed and rotated.
+//! matters in small-batch decode), then attends; in decode all of it is one op
+//! ([`Backend::decode_attention_rope`], which a backend may run as one kernel). [`Attention::forward`] is the form for a `qkv` whose q/k heads are already
+//! normed and rotated.
 
 use half::bf16;
-use nanovllm_kernels::{AttnParams, Backend};
+use nanovllm_kernels::{AttnParams, Backend, QkNormRope};
 use nanovllm_utils::{Error, Result};
 
 use crate::context::Context;
@@ -86,6 +87,9 @@ impl Attention {
     /// into this layer's cache at `ctx.slot_mapping`, all in one op; then the attention output
     /// `[num_tokens, num_heads * head_dim]` is written to `out`.
     ///
+    /// In decode the whole block is one op ([`Backend::decode_attention_rope`]), after which
+    /// the contents of `qkv` are unspecified (normed and rotated, or left as they were).
+    ///
     /// Errors when the norms or the rotary table are not `head_dim` wide.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_with_qk_norm_rope<B: Backend>(
@@ -113,6 +117,29 @@ impl Attention {
             )));
         }
         let params = self.params(block_size, ctx.max_blocks_per_seq);
+        if !ctx.is_prefill {
+            self.check_decode_rows(ctx)?;
+            let rope = QkNormRope {
+                q_norm: q_norm.weight(),
+                k_norm: k_norm.weight(),
+                eps: q_norm.eps(),
+                positions: ctx.positions,
+                cos_sin: rope.cos_sin(),
+            };
+            return be.decode_attention_rope(
+                qkv,
+                &rope,
+                ctx.slot_mapping,
+                k_cache,
+                v_cache,
+                ctx.context_lens,
+                ctx.block_tables,
+                ctx.num_seqs,
+                ctx.max_context_len,
+                &params,
+                out,
+            );
+        }
         be.qk_norm_rope_store(
             qkv,
             ctx.num_tokens,
@@ -127,6 +154,18 @@ impl Attention {
             v_cache,
         )?;
         self.attend(be, qkv, ctx, &params, k_cache, v_cache, out)
+    }
+
+    /// Decode computes one token per sequence.
+    fn check_decode_rows<B: Backend>(&self, ctx: &Context<'_, B>) -> Result<()> {
+        if ctx.num_tokens != ctx.num_seqs {
+            return Err(Error::Other(format!(
+                "decode attention: {} rows for {} sequences (decode computes one token per \
+                 sequence)",
+                ctx.num_tokens, ctx.num_seqs
+            )));
+        }
+        Ok(())
     }
 
     /// Prefill or decode attention of the step's rows of `qkv` over the cache just written.
@@ -156,13 +195,7 @@ impl Attention {
                 out,
             )
         } else {
-            if ctx.num_tokens != ctx.num_seqs {
-                return Err(Error::Other(format!(
-                    "decode attention: {} rows for {} sequences (decode computes one token \
-                     per sequence)",
-                    ctx.num_tokens, ctx.num_seqs
-                )));
-            }
+            self.check_decode_rows(ctx)?;
             be.decode_attention(
                 qkv,
                 k_cache,

@@ -18,7 +18,7 @@ use nanovllm_utils::{Error, Result};
 
 use super::launch::Launch;
 use super::{check_len, driver_err, CudaBackend, CudaBuf};
-use crate::backend::AttnParams;
+use crate::backend::{AttnParams, QkNormRope};
 
 /// Threads of a decode CTA (4 warps), as `DEC_THREADS` in the kernel source.
 const DECODE_THREADS: u32 = 128;
@@ -221,6 +221,31 @@ const DECODE_KERNELS: [[&str; 8]; 2] = [
     ],
 ];
 
+/// The decode kernels with Qwen3's q/k norm, RoPE and K/V store folded in, by the same index
+/// as [`DECODE_KERNELS`].
+const DECODE_ROPE_KERNELS: [[&str; 8]; 2] = [
+    [
+        "attn_decode_rope_hd64_g1",
+        "attn_decode_rope_hd64_g2",
+        "attn_decode_rope_hd64_g3",
+        "attn_decode_rope_hd64_g4",
+        "attn_decode_rope_hd64_g5",
+        "attn_decode_rope_hd64_g6",
+        "attn_decode_rope_hd64_g7",
+        "attn_decode_rope_hd64_g8",
+    ],
+    [
+        "attn_decode_rope_hd128_g1",
+        "attn_decode_rope_hd128_g2",
+        "attn_decode_rope_hd128_g3",
+        "attn_decode_rope_hd128_g4",
+        "attn_decode_rope_hd128_g5",
+        "attn_decode_rope_hd128_g6",
+        "attn_decode_rope_hd128_g7",
+        "attn_decode_rope_hd128_g8",
+    ],
+];
+
 /// Resident CTAs per SM of each decode kernel (same index as [`DECODE_KERNELS`]), asked of
 /// the driver once; 0 until then. The kernels are the same PTX on every GPU of a process.
 static DECODE_CTAS_PER_SM: [[AtomicU32; 8]; 2] = [const { [const { AtomicU32::new(0) }; 8] }; 2];
@@ -244,12 +269,116 @@ pub(crate) fn decode_attention(
     attn: &AttnParams,
     out: &mut CudaBuf<bf16>,
 ) -> Result<()> {
-    const OP: &str = "decode_attention";
-    let log2_bs = check_params(OP, attn)?;
+    decode(
+        be,
+        "decode_attention",
+        qkv,
+        (k_cache, v_cache),
+        (context_lens, block_tables),
+        num_seqs,
+        max_context_len,
+        attn,
+        out,
+        None,
+    )
+}
+
+/// Whether decode attention folds in Qwen3's q/k norm, RoPE and K/V store
+/// ([`decode_attention_rope`]): `NANOVLLM_ATTN_ROPE=1`. Off by default: it saves a kernel per
+/// layer but its CTAs start later, and the Qwen3-8B workload measured 2-3 % slower with it on
+/// two H200s (docs/perf-notes.md, "Qwen3's q/k norm and RoPE inside decode attention").
+fn rope_decode() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_ROPE", false))
+}
+
+/// The checked q/k norm + RoPE + store arguments of an `attn_decode_rope_hd*_g*` launch.
+struct RopeLaunch<'a> {
+    rope: &'a QkNormRope<'a, CudaBackend>,
+    slot_mapping: &'a CudaBuf<i32>,
+    max_position: i32,
+    num_slots: i64,
+}
+
+/// Decode attention with Qwen3's q/k norm, RoPE and K/V store folded in, one
+/// `attn_decode_rope_hd*_g*` launch (plus the split reduce where there are splits); see
+/// [`crate::Backend::decode_attention_rope`]. Returns `false`, having queued nothing, where the
+/// fused kernel is off (the default, see [`rope_decode`]; or the balanced kernel chosen): the caller then
+/// runs `qk_norm_rope_store` and `decode_attention`. The splits are those of the plain kernel,
+/// so both forms give the same bits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_attention_rope(
+    be: &CudaBackend,
+    qkv: &CudaBuf<bf16>,
+    rope: &QkNormRope<'_, CudaBackend>,
+    slot_mapping: &CudaBuf<i32>,
+    k_cache: &mut CudaBuf<bf16>,
+    v_cache: &mut CudaBuf<bf16>,
+    (context_lens, block_tables): (&CudaBuf<i32>, &CudaBuf<i32>),
+    num_seqs: usize,
+    max_context_len: usize,
+    attn: &AttnParams,
+    out: &mut CudaBuf<bf16>,
+) -> Result<bool> {
+    const OP: &str = "decode_attention_rope";
+    if balanced_decode() || !rope_decode() {
+        return Ok(false);
+    }
+    let r = super::ops::rope_args(
+        OP,
+        qkv,
+        num_seqs,
+        attn,
+        rope.q_norm,
+        rope.k_norm,
+        rope.positions,
+        rope.cos_sin,
+    )?;
+    let (_, num_slots) =
+        super::ops::cache_slots(OP, attn, num_seqs, slot_mapping, k_cache, v_cache)?;
+    // The kernel writes the caches through these addresses; the exclusive borrows above are
+    // held until it is queued.
+    let caches = (&*k_cache, &*v_cache);
+    decode(
+        be,
+        OP,
+        qkv,
+        caches,
+        (context_lens, block_tables),
+        num_seqs,
+        max_context_len,
+        attn,
+        out,
+        Some(RopeLaunch {
+            rope,
+            slot_mapping,
+            max_position: r.max_position,
+            num_slots,
+        }),
+    )?;
+    Ok(true)
+}
+
+/// The launch behind [`decode_attention`] and [`decode_attention_rope`] (`rope`: the fused
+/// kernel's extra arguments, checked by the caller).
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    be: &CudaBackend,
+    op: &'static str,
+    qkv: &CudaBuf<bf16>,
+    (k_cache, v_cache): (&CudaBuf<bf16>, &CudaBuf<bf16>),
+    (context_lens, block_tables): (&CudaBuf<i32>, &CudaBuf<i32>),
+    num_seqs: usize,
+    max_context_len: usize,
+    attn: &AttnParams,
+    out: &mut CudaBuf<bf16>,
+    rope: Option<RopeLaunch<'_>>,
+) -> Result<()> {
+    let log2_bs = check_params(op, attn)?;
     let group = attn.num_heads / attn.num_kv_heads;
     if group > 8 {
         return Err(bad_params(
-            OP,
+            op,
             format!(
                 "{} query heads per kv head is not supported (at most 8)",
                 group
@@ -258,27 +387,27 @@ pub(crate) fn decode_attention(
     }
     let qkv_width = attn.qkv_width();
     let out_width = attn.num_heads * attn.head_dim;
-    check_len(OP, "qkv", qkv, mul(OP, "qkv", &[num_seqs, qkv_width])?)?;
-    check_len(OP, "out", out, mul(OP, "out", &[num_seqs, out_width])?)?;
-    check_len(OP, "context_lens", context_lens, num_seqs)?;
+    check_len(op, "qkv", qkv, mul(op, "qkv", &[num_seqs, qkv_width])?)?;
+    check_len(op, "out", out, mul(op, "out", &[num_seqs, out_width])?)?;
+    check_len(op, "context_lens", context_lens, num_seqs)?;
     check_len(
-        OP,
+        op,
         "block_tables",
         block_tables,
-        mul(OP, "block_tables", &[num_seqs, attn.max_blocks_per_seq])?,
+        mul(op, "block_tables", &[num_seqs, attn.max_blocks_per_seq])?,
     )?;
-    let num_blocks = check_cache(OP, k_cache, v_cache, attn)?;
+    let num_blocks = check_cache(op, k_cache, v_cache, attn)?;
     // No context can be longer than its block_tables row addresses: the kernels never look
     // past it.
     let max_context_len = max_context_len.min(mul(
-        OP,
+        op,
         "block_tables",
         &[attn.max_blocks_per_seq, attn.block_size],
     )?);
     if num_seqs == 0 {
         return Ok(());
     }
-    if balanced_decode() {
+    if rope.is_none() && balanced_decode() {
         let a = DecodeArgs {
             qkv,
             k_cache,
@@ -296,12 +425,16 @@ pub(crate) fn decode_attention(
     }
 
     let hd_index = usize::from(attn.head_dim == 128);
-    let kernel = func(be, DECODE_KERNELS[hd_index][group - 1])?;
+    let plain = func(be, DECODE_KERNELS[hd_index][group - 1])?;
+    let kernel = match rope {
+        Some(_) => func(be, DECODE_ROPE_KERNELS[hd_index][group - 1])?,
+        None => plain.clone(),
+    };
     let cached = &DECODE_CTAS_PER_SM[hd_index][group - 1];
     let mut ctas_per_sm = cached.load(Ordering::Relaxed);
     if ctas_per_sm == 0 {
         // Occupancy with the largest block-table slice a split can stage.
-        ctas_per_sm = kernel
+        ctas_per_sm = plain
             .occupancy_max_active_blocks_per_multiprocessor(
                 DECODE_THREADS,
                 MAX_SPLIT_BLOCKS * 4,
@@ -322,14 +455,14 @@ pub(crate) fn decode_attention(
     let smem_bytes = (splits.tokens_per_split.div_ceil(attn.block_size) + 1) * 4;
 
     let stream: &Arc<CudaStream> = be.stream();
-    let qkv_stride = to_i32(OP, "qkv row width", qkv_width)?;
-    let mbps = to_i32(OP, "max_blocks_per_seq", attn.max_blocks_per_seq)?;
-    let nkv = to_i32(OP, "num_kv_heads", attn.num_kv_heads)?;
+    let qkv_stride = to_i32(op, "qkv row width", qkv_width)?;
+    let mbps = to_i32(op, "max_blocks_per_seq", attn.max_blocks_per_seq)?;
+    let nkv = to_i32(op, "num_kv_heads", attn.num_kv_heads)?;
     let scale_log2 = attn.scale * LOG2_E;
-    let tps = to_i32(OP, "tokens_per_split", splits.tokens_per_split)?;
-    let nsplit = to_i32(OP, "num_splits", splits.num_splits)?;
-    let max_ctx = to_i32(OP, "max_context_len", max_context_len)?;
-    let nblocks = to_i32(OP, "num_blocks", num_blocks)?;
+    let tps = to_i32(op, "tokens_per_split", splits.tokens_per_split)?;
+    let nsplit = to_i32(op, "num_splits", splits.num_splits)?;
+    let max_ctx = to_i32(op, "max_context_len", max_context_len)?;
+    let nblocks = to_i32(op, "num_blocks", num_blocks)?;
     let cfg = LaunchConfig {
         grid_dim: (
             attn.num_kv_heads as u32,
@@ -361,11 +494,17 @@ pub(crate) fn decode_attention(
             .arg(&0u64)
             .arg(&0u64)
             .arg(&0u64);
+        if let Some(r) = &rope {
+            push_rope(&mut b, r);
+        }
         // SAFETY: the argument list matches `attn_decode_hd*_g*` (pointers, then ints/floats in
         // the kernel's order); every buffer was checked above to hold the elements the grid
         // touches (num_seqs rows of qkv/out/context_lens/block_tables), cache reads are bounded
         // by the clamped block ids, and with one split the null partial and counter pointers
-        // are unused.
+        // are unused. With `rope`, the fused kernel's further arguments (checked by
+        // `decode_attention_rope`): d-element norms, num_seqs positions and slots, cos/sin
+        // rows clamped to max_position, and its K/V stores go only to slots in
+        // [0, num_slots), rows both caches hold.
         unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
         return Ok(());
     }
@@ -402,9 +541,13 @@ pub(crate) fn decode_attention(
         Some(c) => b.arg(c),
         None => b.arg(&0u64),
     };
+    if let Some(r) = &rope {
+        push_rope(&mut b, r);
+    }
     // SAFETY: as above; the scratch holds 2 floats of (max, sum) and head_dim floats of output
     // for every (sequence, head, split) the grid writes; the counters (when passed) hold one
-    // zeroed u32 per (sequence, kv head), each reset by the CTA that counts last.
+    // zeroed u32 per (sequence, kv head), each reset by the CTA that counts last; `rope` as
+    // for one split.
     unsafe { b.launch(cfg) }.map_err(cuda_err("decode_attention: launch"))?;
     if fused {
         return Ok(());
@@ -431,6 +574,18 @@ pub(crate) fn decode_attention(
     // of num_heads * head_dim to `out`, checked above.
     unsafe { b.launch(rcfg) }.map_err(cuda_err("decode_attention: reduce launch"))?;
     Ok(())
+}
+
+/// Appends the arguments `attn_decode_rope_hd*_g*` takes after the plain kernel's.
+fn push_rope<'a>(b: &mut Launch<'a>, r: &'a RopeLaunch<'a>) {
+    b.arg(r.rope.q_norm.raw())
+        .arg(r.rope.k_norm.raw())
+        .arg(&r.rope.eps)
+        .arg(r.rope.positions.raw())
+        .arg(r.rope.cos_sin.raw())
+        .arg(&r.max_position)
+        .arg(r.slot_mapping.raw())
+        .arg(&r.num_slots);
 }
 
 /// The checked inputs of one decode attention call, for the balanced launcher.

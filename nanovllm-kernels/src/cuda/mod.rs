@@ -54,7 +54,7 @@ use cudarc::nvrtc::Ptx;
 use half::bf16;
 use nanovllm_utils::{Error, Result};
 
-use crate::backend::{AttnParams, Backend, Elem, GraphExec, SamplingBufs};
+use crate::backend::{AttnParams, Backend, Elem, GraphExec, QkNormRope, SamplingBufs};
 
 include!(concat!(env!("OUT_DIR"), "/ptx_modules.rs"));
 
@@ -974,6 +974,50 @@ impl Backend for CudaBackend {
             v_cache,
             context_lens,
             block_tables,
+            num_seqs,
+            max_context_len,
+            attn,
+            out,
+        )
+    }
+
+    fn decode_attention_rope(
+        &self,
+        qkv: &mut CudaBuf<bf16>,
+        rope: &QkNormRope<'_, Self>,
+        slot_mapping: &CudaBuf<i32>,
+        k_cache: &mut CudaBuf<bf16>,
+        v_cache: &mut CudaBuf<bf16>,
+        context_lens: &CudaBuf<i32>,
+        block_tables: &CudaBuf<i32>,
+        num_seqs: usize,
+        max_context_len: usize,
+        attn: &AttnParams,
+        out: &mut CudaBuf<bf16>,
+    ) -> Result<()> {
+        let fused = attention::decode_attention_rope(
+            self,
+            qkv,
+            rope,
+            slot_mapping,
+            k_cache,
+            v_cache,
+            (context_lens, block_tables),
+            num_seqs,
+            max_context_len,
+            attn,
+            out,
+        )?;
+        if fused {
+            return Ok(());
+        }
+        crate::backend::decode_attention_rope_unfused(
+            self,
+            qkv,
+            rope,
+            slot_mapping,
+            (k_cache, v_cache),
+            (context_lens, block_tables),
             num_seqs,
             max_context_len,
             attn,

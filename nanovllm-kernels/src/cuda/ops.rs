@@ -262,18 +262,18 @@ pub(super) unsafe fn add_rms_norm_with(
 
 /// The kernel arguments shared by `qk_norm_rope` and `qk_norm_rope_store` in rope.cu, after
 /// the checks both ops make.
-struct RopeArgs {
-    n: i32,
-    qkv_width: i32,
-    num_heads: i32,
-    num_kv_heads: i32,
-    head_dim: i32,
-    max_position: i32,
+pub(super) struct RopeArgs {
+    pub(super) n: i32,
+    pub(super) qkv_width: i32,
+    pub(super) num_heads: i32,
+    pub(super) num_kv_heads: i32,
+    pub(super) head_dim: i32,
+    pub(super) max_position: i32,
 }
 
 /// Checks the head layout and the buffers of a q/k norm + rope op on `n` rows.
 #[allow(clippy::too_many_arguments)]
-fn rope_args(
+pub(super) fn rope_args(
     op: &'static str,
     qkv: &CudaBuf<bf16>,
     n: usize,
@@ -361,7 +361,7 @@ pub(super) fn qk_norm_rope(
 }
 
 /// Rows of the `[slots, kv_width]` view both caches hold, after checking `slot_mapping`.
-fn cache_slots(
+pub(super) fn cache_slots(
     op: &'static str,
     attn: &AttnParams,
     n: usize,
