@@ -27,19 +27,6 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
     return r;
 }
 
-// The same 16-byte load, weak and coherent (not through the non-coherent path): for the one CTA
-// per (sequence, kv head) of the attn_decode_rope kernels that first writes this step's K/V row
-// into the cache and then reads it back after a barrier (an ld.global.nc of data written by the
-// same kernel is undefined; a .cg load would be a strong one, measured slower). Volatile, so it
-// stays after that barrier.
-__device__ __forceinline__ uint4 ld_kv16(const void* p) {
-    uint4 r;
-    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
 // A split's token count is a multiple of DEC_SPLIT_GRANULE and, unless the launch's own size is
 // smaller, at least DEC_MIN_SPLIT_TOKENS (SPLIT_GRANULE and MIN_SPLIT_TOKENS in
 // src/cuda/attention.rs).
@@ -218,40 +205,46 @@ __device__ __forceinline__ void dec_load_q_rope(const __nv_bfloat16* __restrict_
     }
 }
 
-// Sequence `seq`'s k head `kvh` normed and rotated, and its v head as it is, written to cache
-// slot slot_mapping[seq] (none for -1 or a slot beyond the cache), as qk_norm_rope_store
-// stores them. Called by every lane of one warp (norm_rope8 shuffles); the first LPK lanes
-// store.
+// Sequence `seq`'s k head `kvh` normed and rotated (rounded to bf16 as qk_norm_rope_store
+// stores it) and its v head as it is, written to `s_new` (shared memory: the k row's LPK
+// 16-byte vectors, then the v row's) and, with `slot_ok`, to cache slot `slot`. Called by one
+// whole warp (norm_rope8 shuffles); its first LPK lanes write.
 template <int HD>
-__device__ __forceinline__ void dec_store_kv_rope(const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
-                                                  int seq, int kvh, int num_heads, int num_kv_heads,
-                                                  int sub, const DecRope& rope,
-                                                  const float (&cosv)[8], const float (&sinv)[8]) {
+__device__ __forceinline__ void dec_new_kv_rope(const __nv_bfloat16* __restrict__ qkv, int qkv_stride,
+                                                int seq, int kvh, int num_heads, int num_kv_heads,
+                                                int sub, const DecRope& rope, const float (&cosv)[8],
+                                                const float (&sinv)[8], bool slot_ok, int slot,
+                                                uint4* s_new) {
     const __nv_bfloat16* row = qkv + (size_t)seq * qkv_stride;
     const uint4 w = ld_weight(rope.k_norm + sub * 8);
     const uint4 kraw = ld16(row + (size_t)(num_heads + kvh) * HD + sub * 8);
-    const uint4 vraw = ld16(row + (size_t)(num_heads + num_kv_heads + kvh) * HD + sub * 8);
-    const int slot = rope.slot_mapping[seq];
+    const uint4 v = ld16(row + (size_t)(num_heads + num_kv_heads + kvh) * HD + sub * 8);
     float x[8];
     unpack8(kraw, x);
     norm_rope8(x, w, cosv, sinv, sub, HD / 8, HD, rope.eps);
-    if ((threadIdx.x & 31) < HD / 8 && slot >= 0 && slot < rope.num_slots) {
-        const size_t dst = (size_t)slot * num_kv_heads * HD + (size_t)kvh * HD + sub * 8;
-        st16(rope.k_cache + dst, pack8(x));
-        st16(rope.v_cache + dst, vraw);
+    const uint4 k = pack8(x);
+    if ((threadIdx.x & 31) < HD / 8) {
+        s_new[sub] = k;
+        s_new[HD / 8 + sub] = v;
+        if (slot_ok) {
+            const size_t dst = (size_t)slot * num_kv_heads * HD + (size_t)kvh * HD + sub * 8;
+            st16(rope.k_cache + dst, k);
+            st16(rope.v_cache + dst, v);
+        }
     }
 }
 
 // Folds tokens [t0, t1) of one (sequence, kv head) into the lane group's state. `s_bt` holds
 // the block ids of the blocks from b0 on that cover the range; `head_off` is the kv head's and
-// lane's offset within a cache row. The warps take chunks of CK tokens in turn. NC: K/V through
-// the non-coherent path (ld_stream16); without it by coherent loads (ld_kv16), for a CTA that
-// wrote one of the rows itself. The arithmetic is the same either way.
-template <int HD, int G, bool NC = true>
+// lane's offset within a cache row. The warps take chunks of CK tokens in turn. NEW: token
+// t_new (if in the range) takes its K/V row from `s_new` (dec_new_kv_rope's layout) instead of
+// the cache (the attn_decode_rope kernels: this step's row, which the kernel itself writes).
+template <int HD, int G, bool NEW = false>
 __device__ __forceinline__ void dec_attend(
     const float (&q)[G][8], DecState<G>& st, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const int* s_bt, int b0, int t0, int t1,
-    int log2_bs, size_t row_stride, size_t head_off)
+    int log2_bs, size_t row_stride, size_t head_off, int t_new = -1,
+    const uint4* s_new = nullptr)
 {
     constexpr int LPK = HD / 8;           // lanes per K/V row
     constexpr int KPI = 32 / LPK;         // tokens per warp load instruction
@@ -269,8 +262,18 @@ __device__ __forceinline__ void dec_attend(
             const int blk = s_bt[(t >> log2_bs) - b0];
             const size_t off =
                 ((size_t)blk * (bs_mask + 1) + (t & bs_mask)) * row_stride + head_off;
-            kr[u] = NC ? ld_stream16(k_cache + off) : ld_kv16(k_cache + off);
-            vr[u] = NC ? ld_stream16(v_cache + off) : ld_kv16(v_cache + off);
+            kr[u] = ld_stream16(k_cache + off);
+            vr[u] = ld_stream16(v_cache + off);
+        }
+        if (NEW) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (c0 + u * KPI + grp == t_new) {
+                    const int sub = (threadIdx.x & 31) % LPK;
+                    kr[u] = s_new[sub];
+                    vr[u] = s_new[LPK + sub];
+                }
+            }
         }
 
         float sc[G][U];
@@ -391,9 +394,11 @@ __device__ __forceinline__ void dec_merge(DecState<G>& st, Emit emit) {
     }
 }
 
-// ROPE (the attn_decode_rope kernels): q is normed and rotated here (dec_load_q_rope), and the
-// CTA whose split holds the sequence's last token (split 0 for an empty context) first stores
-// this step's K/V row (dec_store_kv_rope) and reads its split by coherent loads; the results are
+// ROPE (the attn_decode_rope kernels): q is normed and rotated here (dec_load_q_rope); in the
+// CTA whose split holds the sequence's last token (split 0 for an empty context) warp 0 computes
+// this step's K/V row (dec_new_kv_rope) and stores it in the cache and in shared memory, and
+// the last token is attended from shared memory rather than from the cache (which the kernel
+// reads through the non-coherent path, undefined for data it writes itself). The results are
 // those of qk_norm_rope_store followed by the plain kernel, bit for bit.
 template <int HD, int G, bool ROPE>
 __device__ __forceinline__ void decode_body(
@@ -418,15 +423,20 @@ __device__ __forceinline__ void decode_body(
     // bounds.
     const int ctx = min(context_lens[seq], max_context_len);
     const int pos = ROPE ? rope.positions[seq] : 0;  // requested together with the length
+    const int slot = ROPE ? rope.slot_mapping[seq] : -1;
+    // Whether this step's row goes to the cache (not for slot -1 or one beyond the cache): only
+    // then is it attended from s_new; otherwise the cache's row, as the two ops would read it.
+    const bool slot_ok = slot >= 0 && slot < rope.num_slots;
     const int tps = seq_split_tokens(ctx, tokens_per_split, num_splits);
     const int t0 = split * tps;
     const int t1 = min(ctx, t0 + tps);
     const bool stores = ROPE && split == (ctx > 0 ? min((ctx - 1) / tps, num_splits - 1) : 0);
     float cosv[8], sinv[8];
     if (ROPE) dec_cos_sin<HD>(rope, pos, sub, cosv, sinv);
+    __shared__ uint4 s_new[ROPE ? 2 * (HD / 8) : 1];  // this step's K/V row (dec_new_kv_rope)
     if (stores && tid < 32)
-        dec_store_kv_rope<HD>(qkv, qkv_stride, seq, kvh, num_heads, num_kv_heads, sub, rope, cosv,
-                              sinv);
+        dec_new_kv_rope<HD>(qkv, qkv_stride, seq, kvh, num_heads, num_kv_heads, sub, rope, cosv,
+                            sinv, slot_ok, slot, s_new);
     if (t0 >= t1) {
         // No tokens here. With one split this CTA still owns the output (an empty context
         // gives zeros); with several the reduce kernel skips this split.
@@ -451,16 +461,13 @@ __device__ __forceinline__ void decode_body(
         dec_load_q_rope<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, rope, cosv, sinv, q);
     else
         dec_load_q<HD, G>(qkv, qkv_stride, seq, kvh, sub, scale_log2, q);
-    __syncthreads();  // the block-table slice, and the K/V row this CTA stored
+    __syncthreads();  // the block-table slice, and s_new
 
     DecState<G> st;
     dec_init(st);
-    if (stores)
-        dec_attend<HD, G, false>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
-                                 (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
-    else
-        dec_attend<HD, G>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
-                          (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8);
+    dec_attend<HD, G, ROPE>(q, st, k_cache, v_cache, s_bt, b0, t0, t1, log2_bs,
+                            (size_t)num_kv_heads * HD, (size_t)kvh * HD + sub * 8,
+                            stores && slot_ok ? ctx - 1 : -1, s_new);
 
     dec_merge<HD, G>(st, [&](int g, int d, float r, float mx, float sum) {
         const int h = kvh * G + g;
