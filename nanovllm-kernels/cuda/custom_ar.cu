@@ -60,6 +60,7 @@
 #include <stdint.h>
 
 #include "flag.cuh"
+#include "ftz.cuh"
 #include "pdl.cuh"
 
 // ar_add_rms_norm: 16-byte vectors per thread and row of add_rms_norm (VPT in norm.cu); its
@@ -211,40 +212,6 @@ extern "C" __global__ void ar_one_shot(__nv_bfloat16* __restrict__ data, const u
         one_shot<uint4>(data, bufs, e, rank, world, cap, n / 8, stuck, timed_out);
     else
         one_shot<uint16_t>(data, bufs, e, rank, world, cap, n, stuck, timed_out);
-}
-
-// The f32 instructions norm.cu gets from --use_fast_math (see the top of the file). Written
-// without a rounding modifier where norm.cu's PTX has none, so that ptxas treats them alike: it
-// contracts div.approx's multiply by 1/hidden and the add of eps into one FFMA.FTZ in both
-// kernels (checked in the SASS of both).
-__device__ __forceinline__ float add_ftz(float a, float b) {
-    float d;
-    asm("add.ftz.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float mul_ftz(float a, float b) {
-    float d;
-    asm("mul.ftz.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float fma_ftz(float a, float b, float c) {
-    float d;
-    asm("fma.rn.ftz.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
-    return d;
-}
-
-// rsqrt(ss / hidden + eps) as norm.cu computes it.
-__device__ __forceinline__ float inv_rms_ftz(float ss, float hidden, float eps) {
-    float d;
-    asm("{\n\t.reg .f32 q, m;\n\t"
-        "div.approx.ftz.f32 q, %1, %2;\n\t"
-        "add.ftz.f32 m, q, %3;\n\t"
-        "rsqrt.approx.ftz.f32 %0, m;\n\t}"
-        : "=f"(d)
-        : "f"(ss), "f"(hidden), "f"(eps));
-    return d;
 }
 
 // common.cuh's warp_sum with add.ftz (block_sum is spelled out in the kernel, per row group).

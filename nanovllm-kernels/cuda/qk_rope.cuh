@@ -2,41 +2,15 @@
 // by rope.cu (qk_norm_rope, qk_norm_rope_store) and attention.cu (the decode kernels that norm,
 // rotate and store the step's token themselves), so that both give the same bits.
 //
-// The arithmetic is spelled out in PTX, the instructions rope.cu's --use_fast_math gives the
-// plain C++ (fma.rn.ftz / add.ftz for the sum of squares, div.approx.ftz, add.ftz and
+// The arithmetic is spelled out in PTX (ftz.cuh), the instructions rope.cu's --use_fast_math
+// gives the plain C++ (fma.rn.ftz / add.ftz for the sum of squares, div.approx.ftz, add.ftz and
 // rsqrt.approx.ftz for the inverse RMS, mul.ftz for the scaling, mul.ftz + fma.rn.ftz for the
 // rotation), so the results do not depend on the flags of the file that includes it
 // (attention.cu is compiled without fast math).
 #pragma once
 
 #include "common.cuh"
-
-__device__ __forceinline__ float ftz_add(float a, float b) {
-    float d;
-    asm("add.ftz.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float ftz_mul(float a, float b) {
-    float d;
-    asm("mul.ftz.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
-    return d;
-}
-
-__device__ __forceinline__ float ftz_fma(float a, float b, float c) {
-    float d;
-    asm("fma.rn.ftz.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
-    return d;
-}
-
-// 1 / sqrt(ss / n + eps) as fast math computes rsqrtf(ss / (float)n + eps).
-__device__ __forceinline__ float ftz_inv_rms(float ss, float n, float eps) {
-    float d;
-    asm("div.approx.ftz.f32 %0, %1, %2;" : "=f"(d) : "f"(ss), "f"(n));
-    d = ftz_add(d, eps);
-    asm("rsqrt.approx.ftz.f32 %0, %0;" : "+f"(d));
-    return d;
-}
+#include "ftz.cuh"
 
 // The lane's 8 cos and 8 sin values for its elements of a head (`sub`: its index within the
 // head), from the cos/sin row `cs` of the token's position; zeros when `cs` is null.
@@ -76,23 +50,23 @@ __device__ __forceinline__ void norm_rope8(float (&x)[8], const uint4& w, const 
     const int half = head_dim >> 1;
     float ss = 0.f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) ss = ftz_fma(x[k], x[k], ss);
-    for (int o = lanes >> 1; o > 0; o >>= 1) ss = ftz_add(ss, __shfl_xor_sync(0xffffffffu, ss, o));
-    const float inv = ftz_inv_rms(ss, (float)head_dim, eps);
+    for (int k = 0; k < 8; ++k) ss = fma_ftz(x[k], x[k], ss);
+    for (int o = lanes >> 1; o > 0; o >>= 1) ss = add_ftz(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+    const float inv = inv_rms_ftz(ss, (float)head_dim, eps);
 
     float wv[8];
     unpack8(w, wv);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = round_bf16(ftz_mul(round_bf16(ftz_mul(inv, x[k])), wv[k]));
+    for (int k = 0; k < 8; ++k) x[k] = round_bf16(mul_ftz(round_bf16(mul_ftz(inv, x[k])), wv[k]));
 
     const bool first = sub * 8 < half;
     float y[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         const float other = __shfl_xor_sync(0xffffffffu, x[k], lanes >> 1);
-        const float t = ftz_mul(sinv[k], other);
+        const float t = mul_ftz(sinv[k], other);
         // first half: x1*cos - x2*sin; second half: x2*cos + x1*sin
-        y[k] = ftz_fma(x[k], cosv[k], first ? -t : t);
+        y[k] = fma_ftz(x[k], cosv[k], first ? -t : t);
     }
 #pragma unroll
     for (int k = 0; k < 8; ++k) x[k] = y[k];

@@ -285,8 +285,9 @@ pub(crate) fn decode_attention(
 
 /// Whether decode attention folds in Qwen3's q/k norm, RoPE and K/V store
 /// ([`decode_attention_rope`]): `NANOVLLM_ATTN_ROPE=1`. Off by default: it saves a kernel per
-/// layer but its CTAs start later, and the Qwen3-8B workload measured 2-3 % slower with it on
-/// two H200s (docs/perf-notes.md, "Qwen3's q/k norm and RoPE inside decode attention").
+/// layer but its CTAs start later, and the Qwen3-8B workload measured 1-5 % slower with it on
+/// two H100s and two H200s (docs/perf-notes.md, "Qwen3's q/k norm and RoPE inside decode
+/// attention").
 fn rope_decode() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| nanovllm_utils::env_switch("NANOVLLM_ATTN_ROPE", false))
