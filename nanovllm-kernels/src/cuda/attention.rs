@@ -197,54 +197,44 @@ fn decode_waves() -> Result<usize> {
     .copied()
 }
 
-/// Decode kernels by head size (64, 128) and group size (1..=8): `attn_decode_hd{d}_g{g}`.
-const DECODE_KERNELS: [[&str; 8]; 2] = [
-    [
-        "attn_decode_hd64_g1",
-        "attn_decode_hd64_g2",
-        "attn_decode_hd64_g3",
-        "attn_decode_hd64_g4",
-        "attn_decode_hd64_g5",
-        "attn_decode_hd64_g6",
-        "attn_decode_hd64_g7",
-        "attn_decode_hd64_g8",
-    ],
-    [
-        "attn_decode_hd128_g1",
-        "attn_decode_hd128_g2",
-        "attn_decode_hd128_g3",
-        "attn_decode_hd128_g4",
-        "attn_decode_hd128_g5",
-        "attn_decode_hd128_g6",
-        "attn_decode_hd128_g7",
-        "attn_decode_hd128_g8",
-    ],
-];
+/// The kernel names `<prefix>_hd{64,128}_g{1..8}` of one family, by [head size 64 / 128]
+/// [query heads per kv head - 1].
+macro_rules! by_head_and_group {
+    ($p:literal) => {
+        [
+            [
+                concat!($p, "_hd64_g1"),
+                concat!($p, "_hd64_g2"),
+                concat!($p, "_hd64_g3"),
+                concat!($p, "_hd64_g4"),
+                concat!($p, "_hd64_g5"),
+                concat!($p, "_hd64_g6"),
+                concat!($p, "_hd64_g7"),
+                concat!($p, "_hd64_g8"),
+            ],
+            [
+                concat!($p, "_hd128_g1"),
+                concat!($p, "_hd128_g2"),
+                concat!($p, "_hd128_g3"),
+                concat!($p, "_hd128_g4"),
+                concat!($p, "_hd128_g5"),
+                concat!($p, "_hd128_g6"),
+                concat!($p, "_hd128_g7"),
+                concat!($p, "_hd128_g8"),
+            ],
+        ]
+    };
+}
+
+/// Decode kernels by [head size 64 / 128][group size - 1].
+const DECODE_KERNELS: [[&str; 8]; 2] = by_head_and_group!("attn_decode");
 
 /// The decode kernels with Qwen3's q/k norm, RoPE and K/V store folded in, by the same index
 /// as [`DECODE_KERNELS`].
-const DECODE_ROPE_KERNELS: [[&str; 8]; 2] = [
-    [
-        "attn_decode_rope_hd64_g1",
-        "attn_decode_rope_hd64_g2",
-        "attn_decode_rope_hd64_g3",
-        "attn_decode_rope_hd64_g4",
-        "attn_decode_rope_hd64_g5",
-        "attn_decode_rope_hd64_g6",
-        "attn_decode_rope_hd64_g7",
-        "attn_decode_rope_hd64_g8",
-    ],
-    [
-        "attn_decode_rope_hd128_g1",
-        "attn_decode_rope_hd128_g2",
-        "attn_decode_rope_hd128_g3",
-        "attn_decode_rope_hd128_g4",
-        "attn_decode_rope_hd128_g5",
-        "attn_decode_rope_hd128_g6",
-        "attn_decode_rope_hd128_g7",
-        "attn_decode_rope_hd128_g8",
-    ],
-];
+const DECODE_ROPE_KERNELS: [[&str; 8]; 2] = by_head_and_group!("attn_decode_rope");
+
+/// The balanced decode kernels, by the same index as [`DECODE_KERNELS`].
+const BALANCED_KERNELS: [[&str; 8]; 2] = by_head_and_group!("attn_decode_bal");
 
 /// Resident CTAs per SM of each decode kernel (same index as [`DECODE_KERNELS`]), asked of
 /// the driver once; 0 until then. The kernels are the same PTX on every GPU of a process.
@@ -634,7 +624,7 @@ fn decode_attention_balanced(
         return Ok(false);
     }
     let hd_index = usize::from(attn.head_dim == 128);
-    let kernel = func(be, &format!("attn_decode_bal_hd{}_g{group}", attn.head_dim))?;
+    let kernel = func(be, BALANCED_KERNELS[hd_index][group - 1])?;
     let cached = &BALANCED_CTAS_PER_SM[hd_index][group - 1];
     let occupancy = |seqs: usize| {
         kernel
@@ -847,6 +837,28 @@ pub(crate) fn prefill_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every decode kernel the launchers name is an entry of the attention module's PTX (the
+    /// shipped one, or nvcc's), so no name in the tables is misspelt.
+    #[test]
+    fn decode_kernel_names_are_ptx_entries() {
+        let ptx = super::super::KERNEL_MODULES
+            .iter()
+            .find(|(name, _, _)| *name == "attention")
+            .map(|(_, ptx, _)| *ptx)
+            .expect("the attention module is built");
+        let tables = [DECODE_KERNELS, DECODE_ROPE_KERNELS, BALANCED_KERNELS];
+        for name in tables.iter().flatten().flatten() {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} is not a kernel of attention.ptx"
+            );
+        }
+        assert!(
+            !ptx.contains(".entry attn_decode_hd96_g1("),
+            "the check can fail"
+        );
+    }
 
     #[test]
     fn large_batches_do_not_split() {
