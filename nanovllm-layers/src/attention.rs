@@ -10,8 +10,9 @@
 //! q/k norms and RoPE to `qkv` and stores the keys and values in one op
 //! ([`Backend::qk_norm_rope_store`]: one kernel launch per layer fewer than the two ops, which
 //! matters in small-batch decode), then attends; in decode all of it is one op
-//! ([`Backend::decode_attention_rope`], which a backend may run as one kernel). [`Attention::forward`] is the form for a `qkv` whose q/k heads are already
-//! normed and rotated.
+//! ([`Backend::decode_attention_rope`], which a backend may run as one kernel).
+//! [`Attention::forward`] is the form for a `qkv` whose q/k heads are already normed and
+//! rotated.
 
 use half::bf16;
 use nanovllm_kernels::{AttnParams, Backend, QkNormRope};

@@ -294,9 +294,9 @@ struct RopeLaunch<'a> {
 /// Decode attention with Qwen3's q/k norm, RoPE and K/V store folded in, one
 /// `attn_decode_rope_hd*_g*` launch (plus the split reduce where there are splits); see
 /// [`crate::Backend::decode_attention_rope`]. Returns `false`, having queued nothing, where the
-/// fused kernel is off (the default, see [`rope_decode`]; or the balanced kernel chosen): the caller then
-/// runs `qk_norm_rope_store` and `decode_attention`. The splits are those of the plain kernel,
-/// so both forms give the same bits.
+/// fused kernel is off (the default, see [`rope_decode`]; or the balanced kernel chosen): the
+/// caller then runs `qk_norm_rope_store` and `decode_attention`. The splits are those of the
+/// plain kernel, so both forms give the same bits.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_attention_rope(
     be: &CudaBackend,
@@ -416,16 +416,17 @@ fn decode(
     }
 
     let hd_index = usize::from(attn.head_dim == 128);
-    let plain = func(be, DECODE_KERNELS[hd_index][group - 1])?;
-    let kernel = match rope {
-        Some(_) => func(be, DECODE_ROPE_KERNELS[hd_index][group - 1])?,
-        None => plain.clone(),
+    let family = match rope {
+        Some(_) => DECODE_ROPE_KERNELS,
+        None => DECODE_KERNELS,
     };
+    let kernel = func(be, family[hd_index][group - 1])?;
     let cached = &DECODE_CTAS_PER_SM[hd_index][group - 1];
     let mut ctas_per_sm = cached.load(Ordering::Relaxed);
     if ctas_per_sm == 0 {
-        // Occupancy with the largest block-table slice a split can stage.
-        ctas_per_sm = plain
+        // Occupancy with the largest block-table slice a split can stage, of the plain kernel
+        // (the splits, and so the bits, must not depend on which of the two runs).
+        ctas_per_sm = func(be, DECODE_KERNELS[hd_index][group - 1])?
             .occupancy_max_active_blocks_per_multiprocessor(
                 DECODE_THREADS,
                 MAX_SPLIT_BLOCKS * 4,
