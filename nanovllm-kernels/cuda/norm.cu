@@ -42,9 +42,10 @@ __device__ __forceinline__ void load_weight(const bf16* __restrict__ w, int nvec
 
 // Vector path of both kernels: `v` holds the row (already rounded sums for add_rms_norm), `wv`
 // the weight (load_weight).
+// With a `peer` row (add_rms_norm_recv_push), each result vector is also stored there.
 __device__ __forceinline__ void scale_store(const uint4 (&v)[VPT], float ss, const uint4 (&wv)[VPT],
                                             bf16* __restrict__ orow, int hidden, float eps,
-                                            float* scratch) {
+                                            float* scratch, bf16* peer = nullptr) {
     const int nvec = hidden >> 3;
     const float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
 #pragma unroll
@@ -56,7 +57,9 @@ __device__ __forceinline__ void scale_store(const uint4 (&v)[VPT], float ss, con
             unpack8(wv[j], g);
 #pragma unroll
             for (int k = 0; k < 8; ++k) f[k] = round_bf16(f[k] * inv) * g[k];
-            st16(orow + (size_t)i * 8, pack8(f));
+            const uint4 o = pack8(f);
+            st16(orow + (size_t)i * 8, o);
+            if (peer != nullptr) st16(peer + (size_t)i * 8, o);
         }
     }
 }
@@ -132,18 +135,21 @@ __device__ __forceinline__ bf16 sum1_exact(bf16 a, bf16 b) {
 }
 
 // residual = bf16(x + residual); x = rms_norm(residual), both in place; with RECV, x is first
-// replaced by bf16(x + recv) (see add_rms_norm_recv at the top).
+// replaced by bf16(x + recv) (see add_rms_norm_recv at the top); with a `peer` (the same rows of
+// the peer's x), the result rows are stored there too.
 template <bool RECV>
 __device__ __forceinline__ void add_rms_norm_row(bf16* __restrict__ x, bf16* __restrict__ residual,
                                                  const bf16* __restrict__ w, int hidden, float eps,
                                                  const bf16* __restrict__ recv, const uint32_t* flag,
                                                  uint32_t epoch, uint32_t* stuck,
-                                                 volatile uint32_t* timed_out) {
+                                                 volatile uint32_t* timed_out,
+                                                 bf16* __restrict__ peer = nullptr) {
     pdl_launch_dependents();
     __shared__ float scratch[32];
     bf16* xr = x + (size_t)blockIdx.x * hidden;
     bf16* rr = residual + (size_t)blockIdx.x * hidden;
     const bf16* pr = RECV ? recv + (size_t)blockIdx.x * hidden : nullptr;
+    bf16* qr = peer != nullptr ? peer + (size_t)blockIdx.x * hidden : nullptr;
     if (vector_path(hidden)) {
         const int nvec = hidden >> 3;
         uint4 v[VPT], r[VPT], wv[VPT];
@@ -176,7 +182,7 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* __restrict__ x, bf16* __r
                 for (int k = 0; k < 8; ++k) ss += a[k] * a[k];
             }
         }
-        scale_store(v, ss, wv, xr, hidden, eps, scratch);
+        scale_store(v, ss, wv, xr, hidden, eps, scratch, qr);
     } else {
         pdl_wait();
         if (RECV) wait_peer_flag(flag, epoch, stuck, timed_out);
@@ -189,8 +195,11 @@ __device__ __forceinline__ void add_rms_norm_row(bf16* __restrict__ x, bf16* __r
         }
         const float inv = rsqrtf(block_sum(ss, scratch) / (float)hidden + eps);
         // Each thread re-reads only the elements it wrote itself: no barrier needed.
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-            xr[i] = __float2bfloat16_rn(round_bf16(bf16_to_f32(rr[i]) * inv) * bf16_to_f32(w[i]));
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+            const bf16 o = __float2bfloat16_rn(round_bf16(bf16_to_f32(rr[i]) * inv) * bf16_to_f32(w[i]));
+            xr[i] = o;
+            if (qr != nullptr) qr[i] = o;
+        }
     }
 }
 
@@ -206,4 +215,24 @@ extern "C" __global__ void add_rms_norm_recv(bf16* __restrict__ x, bf16* __restr
                                              uint32_t epoch, uint32_t* stuck,
                                              volatile uint32_t* timed_out) {
     add_rms_norm_row<true>(x, residual, w, hidden, eps, recv, flag, epoch, stuck, timed_out);
+}
+
+// add_rms_norm_recv on this rank's own rows of a prefill step whose rows the two ranks share out
+// (copy_ar.rs): the same bits, and each result row is also stored into the same row of the
+// peer's x (`peer`, the peer's buffer mapped through CUDA IPC), so that both ranks end with every
+// row of the normalised output while each adds and normalises only half of them.
+extern "C" __global__ void add_rms_norm_recv_push(bf16* __restrict__ x, bf16* __restrict__ residual,
+                                                  const bf16* __restrict__ w, int hidden, float eps,
+                                                  const bf16* __restrict__ recv, const uint32_t* flag,
+                                                  uint32_t epoch, uint32_t* stuck,
+                                                  volatile uint32_t* timed_out, bf16* __restrict__ peer) {
+    add_rms_norm_row<true>(x, residual, w, hidden, eps, recv, flag, epoch, stuck, timed_out, peer);
+}
+
+// One thread waits for the peer's flag to reach `epoch` (flag.cuh), so that the kernels after it
+// in the stream read what the peer stored before raising it (add_rms_norm_recv_push's rows).
+extern "C" __global__ void wait_peer(const uint32_t* flag, uint32_t epoch, uint32_t* stuck,
+                                     volatile uint32_t* timed_out) {
+    pdl_begin();
+    wait_peer_flag(flag, epoch, stuck, timed_out);
 }

@@ -117,8 +117,13 @@ pub trait TpComm<B: Backend>: Send + Sync {
     }
     /// Ends the sum [`TpComm::gemm_all_reduce_for_norm`] left open in `x` (`n` rows of
     /// `hidden`) and runs the residual add + RMSNorm of [`Backend::add_rms_norm`] on it: the
-    /// bits of the sum followed by `add_rms_norm`. The default leaves nothing open, so here
-    /// it has nothing to finish: an error.
+    /// bits of the sum followed by `add_rms_norm`. Every rank ends with all `n` rows of `x`;
+    /// an implementation may share the rows out between the ranks (each adding and
+    /// normalising its own, then exchanging the results), and then each rank's `residual`
+    /// holds only its own rows' sums, the others left as they were. So a model must read the
+    /// residual stream after such a call only through the next such call of the same step
+    /// (which shares the rows out the same way). The default leaves nothing open, so here it
+    /// has nothing to finish: an error.
     #[allow(clippy::too_many_arguments)]
     fn finish_all_reduce_add_rms_norm(
         &self,
@@ -134,6 +139,15 @@ pub trait TpComm<B: Backend>: Send + Sync {
         Err(Error::Other(
             "TpComm::finish_all_reduce_add_rms_norm: no sum was left open".into(),
         ))
+    }
+    /// A buffer of `len` elements for the activations that row-parallel products write and
+    /// the norms after them finish (a model's hidden states): an implementation that shares
+    /// rows out in [`TpComm::finish_all_reduce_add_rms_norm`] allocates it where the peers can
+    /// store into it. The `x` of that call must be such a buffer for the rows to be shared
+    /// out. A collective: every rank calls it at the same point. The default is
+    /// [`Backend::alloc`].
+    fn alloc_shared(&self, be: &B, len: usize) -> Result<B::Buf<bf16>> {
+        be.alloc(len)
     }
     /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
     /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
@@ -229,6 +243,8 @@ pub struct ThreadComm {
     gemm_all_reduce_from: usize,
     /// The length of the sum [`TpComm::gemm_all_reduce_for_norm`] left open, if any.
     open: Arc<Mutex<Option<usize>>>,
+    /// Whether [`TpComm::finish_all_reduce_add_rms_norm`] shares the rows out.
+    shared_rows: bool,
 }
 
 impl ThreadComm {
@@ -249,8 +265,20 @@ impl ThreadComm {
                 group: Arc::clone(&group),
                 gemm_all_reduce_from: usize::MAX,
                 open: Arc::default(),
+                shared_rows: false,
             })
             .collect()
+    }
+
+    /// This rank, sharing the rows out in [`TpComm::finish_all_reduce_add_rms_norm`] as NCCL's
+    /// group of two does for prefill steps: rank `r` adds and normalises rows
+    /// `r * n / size..(r + 1) * n / size`, the ranks exchange the results, and every other
+    /// row of `residual` is set to NaN (those rows are another rank's now), so that a model
+    /// that reads them anywhere but in the next such call gets NaN logits. Takes effect where
+    /// [`Self::with_gemm_all_reduce_from`] leaves the sums open.
+    pub fn with_shared_rows(mut self) -> Self {
+        self.shared_rows = true;
+        self
     }
 
     /// This rank, answering [`TpComm::overlaps_gemm_all_reduce`] with yes from `rows` rows on,
@@ -301,6 +329,56 @@ impl ThreadComm {
             }
         }
         Ok(st)
+    }
+
+    /// The end of a finish with the rows shared out ([`Self::with_shared_rows`]), after the
+    /// sum of all `n` rows of `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_own_rows(
+        &self,
+        be: &CpuBackend,
+        x: &mut CpuBuf<bf16>,
+        residual: &mut CpuBuf<bf16>,
+        weight: &CpuBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let size = self.group.size;
+        let rows = |r: usize| r * n / size * hidden..(r + 1) * n / size * hidden;
+        let mine = rows(self.rank);
+        let len = n * hidden;
+        if x.len() < len || residual.len() < len {
+            return Err(shape_err(
+                "ThreadComm::finish_all_reduce_add_rms_norm",
+                "x",
+                len,
+                x.len().min(residual.len()),
+            ));
+        }
+        let mut xs = be.from_host(&x.as_slice()[mine.clone()])?;
+        let mut rs = be.from_host(&residual.as_slice()[mine.clone()])?;
+        be.add_rms_norm(
+            &mut xs,
+            &mut rs,
+            weight,
+            mine.len() / hidden.max(1),
+            hidden,
+            eps,
+        )?;
+        for (i, r) in residual.as_mut_slice()[..len].iter_mut().enumerate() {
+            *r = if mine.contains(&i) {
+                rs.as_slice()[i - mine.start]
+            } else {
+                bf16::NAN
+            };
+        }
+        let st = self.exchange(xs.as_slice())?;
+        for (r, slot) in st.slots.iter().enumerate() {
+            x.as_mut_slice()[rows(r)].copy_from_slice(slot);
+        }
+        drop(self.meet(st)?);
+        Ok(())
     }
 
     /// Deposits `data` as this rank's contribution and waits for every rank's.
@@ -369,7 +447,11 @@ impl TpComm<CpuBackend> for ThreadComm {
         match open {
             Some(len) if Some(len) == n.checked_mul(hidden) => {
                 self.all_reduce_sum(be, x, len)?;
-                be.add_rms_norm(x, residual, weight, n, hidden, eps)
+                if self.shared_rows {
+                    self.add_rms_norm_own_rows(be, x, residual, weight, n, hidden, eps)
+                } else {
+                    be.add_rms_norm(x, residual, weight, n, hidden, eps)
+                }
             }
             Some(len) => Err(Error::Other(format!(
                 "{OP}: the open sum has {len} elements, not {n} x {hidden}"
@@ -570,6 +652,10 @@ mod nccl {
             eps: f32,
         ) -> Result<()> {
             NcclComm::finish_all_reduce_add_rms_norm(self, be, x, residual, weight, n, hidden, eps)
+        }
+
+        fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<CudaBuf<bf16>> {
+            NcclComm::alloc_shared(self, be, len)
         }
 
         fn gather_rank0(

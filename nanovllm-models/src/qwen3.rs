@@ -129,7 +129,8 @@ pub struct Workspace<B: Backend> {
     /// `[max_num_tokens, hidden]` the residual stream.
     residual: B::Buf<bf16>,
     /// `[max_num_tokens, hidden]` the normalised input of each block, then its output; after
-    /// the forward pass, the final hidden states.
+    /// the forward pass, the final hidden states. Allocated by the group
+    /// ([`TpComm::alloc_shared`]), which may share a prefill step's rows out between the ranks.
     hidden: B::Buf<bf16>,
     /// `[max_num_tokens, (heads + 2 * kv_heads) * head_dim]` fused q/k/v (this rank's heads).
     qkv: B::Buf<bf16>,
@@ -159,7 +160,7 @@ impl<B: Backend> Workspace<B> {
             dims: d,
             max_num_tokens,
             residual: be.alloc(t * d.hidden)?,
-            hidden: be.alloc(t * d.hidden)?,
+            hidden: model.comm.alloc_shared(be, t * d.hidden)?,
             qkv: be.alloc(t * d.qkv_width())?,
             attn_out: be.alloc(t * d.num_heads * d.head_dim)?,
             gate_up: be.alloc(t * 2 * d.inter)?,

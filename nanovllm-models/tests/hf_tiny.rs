@@ -509,26 +509,40 @@ fn greedy_decode_matches_hf() {
 
 /// The untied fixture split over two ranks (threads): 4 query heads and 1 key/value head per
 /// rank, half the MLP, half the vocabulary per rank; rank 0's logits must match transformers
-/// and the unsharded model. Run twice: with the row-parallel layers leaving partial sums to the
-/// norms' fused all-reduce (as decode steps do), and with them summing in the product's call
-/// from one row on (as prefill steps on NCCL do); the two must give the same bits.
+/// and the unsharded model. Run three times: with the row-parallel layers leaving partial sums
+/// to the norms' fused all-reduce (as decode steps do), with them summing in the product's call
+/// from one row on (as prefill steps on NCCL do), and with those sums' norms sharing the rows
+/// out between the ranks (each rank's residual stream holding only its own rows, as NCCL's
+/// group of two does in prefill); all must give the same bits.
 #[test]
 fn tensor_parallel_two_ranks_match_hf() {
     let f = fixture("tiny-qwen3-untied");
     let weights = Weights::open(&f.dir).unwrap();
-    let fused = tensor_parallel_run(&f, &weights, usize::MAX);
-    let summed = tensor_parallel_run(&f, &weights, 1);
+    let fused = tensor_parallel_run(&f, &weights, usize::MAX, false);
+    let summed = tensor_parallel_run(&f, &weights, 1, false);
     assert!(fused == summed, "summing in the product changed the logits");
+    let shared = tensor_parallel_run(&f, &weights, 1, true);
+    assert!(fused == shared, "sharing the rows out changed the logits");
 }
 
 /// Prefill and one decode step of case 1 on two ranks (threads) whose row-parallel layers sum
-/// in the product's call from `sum_from` rows on; checks them against transformers and answers
-/// rank 0's (prefill, decode) logits.
-fn tensor_parallel_run(f: &Fixture, weights: &Weights, sum_from: usize) -> Vec<Vec<Vec<f32>>> {
+/// in the product's call from `sum_from` rows on (the norms after them sharing the rows out
+/// where `shared_rows`); checks them against transformers and answers rank 0's (prefill,
+/// decode) logits.
+fn tensor_parallel_run(
+    f: &Fixture,
+    weights: &Weights,
+    sum_from: usize,
+    shared_rows: bool,
+) -> Vec<Vec<Vec<f32>>> {
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = ThreadComm::group(2)
             .into_iter()
             .map(|comm| comm.with_gemm_all_reduce_from(sum_from))
+            .map(|comm| match shared_rows {
+                true => comm.with_shared_rows(),
+                false => comm,
+            })
             .map(|comm| {
                 let (f, weights) = (f, weights);
                 s.spawn(move || {

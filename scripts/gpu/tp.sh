@@ -11,7 +11,9 @@
 #           prompts' all-reduces) against --tp 1, held to the same rule as tp 2 itself (logits
 #           |diff| at most twice tp 2's), and against the same run with the peer's sums added
 #           by their own kernel instead of inside the norm's (NANOVLLM_AR_NORM_FUSED=0): the
-#           same bits are required
+#           same bits are required. The fused run also shares the rows out between the ranks
+#           (NANOVLLM_AR_SHARE_ROWS=1: each rank adds and normalises half of them and stores
+#           its results into the peer's buffer too), the unfused one does not
 #   slices  sampling at --tp 2: each rank draws from its vocabulary slice and the ranks exchange
 #           their best candidates; a top-k cut (vocab - 1, which drops only the least likely
 #           token) makes them gather whole rows instead, through decode graphs captured when
@@ -85,14 +87,16 @@ print(f"{model} tp2: one-shot (+ fused add-norm) all-reduce vs NCCL + add_rms_no
       f"|diff| {ar_diff:.4f}, greedy tokens {'identical' if t2 == tn else 'DIFFER'} "
       f"-> {'PASS' if ar_same else 'FAIL (must be bit-identical)'}")
 to, lo = dump(2, prompts, MAX_NEW, True, "gen-overlap",
-              {"NANOVLLM_CUSTOM_ALLREDUCE": "0", "NANOVLLM_AR_OVERLAP_ROWS": "64"})
+              {"NANOVLLM_CUSTOM_ALLREDUCE": "0", "NANOVLLM_AR_OVERLAP_ROWS": "64",
+               "NANOVLLM_AR_SHARE_ROWS": "1"})
 tu, lu = dump(2, prompts, MAX_NEW, True, "gen-overlap-unfused",
               {"NANOVLLM_CUSTOM_ALLREDUCE": "0", "NANOVLLM_AR_OVERLAP_ROWS": "64",
                "NANOVLLM_AR_NORM_FUSED": "0"})
 # The norm's kernel adds the peer's sums as ar_copy_reduce does: the same bits.
 fu_diff = max(float(np.abs(a - b).max()) for a, b in zip(lo, lu))
 fu_same = to == tu and fu_diff == 0.0
-print(f"{model} tp2 overlapped: the peer's sums added in the norm's kernel vs by their own: "
+print(f"{model} tp2 overlapped: the peer's sums added in the norm's kernel (rows shared out) "
+      f"vs by their own: "
       f"logits max |diff| {fu_diff:.4f}, greedy tokens {'identical' if to == tu else 'DIFFER'} "
       f"-> {'PASS' if fu_same else 'FAIL (must be bit-identical)'}")
 max_abs = max(float(np.abs(a - b).max()) for a, b in zip(l1, l2))

@@ -38,9 +38,16 @@ const ELEM: usize = std::mem::size_of::<bf16>();
 const THREADS: u32 = 512;
 
 /// Bytes of the shared allocation for receive buffers of `cap` elements: two buffers, then the
-/// flag (a u32 at offset `2 * cap * ELEM`, 16-byte aligned when `cap` is a multiple of 4).
+/// flag (a u32 at offset `2 * cap * ELEM`, 16-byte aligned when `cap` is a multiple of 4), then
+/// the flag of the rows a peer shares out (4 bytes after it; see
+/// [`CopyAllReduce::reduce_add_rms_norm_push`]).
 fn flag_at(cap: usize) -> usize {
     2 * cap * ELEM
+}
+
+/// Byte offset of the second flag (see [`flag_at`]).
+fn rows_flag_at(cap: usize) -> usize {
+    flag_at(cap) + 4
 }
 
 /// This rank's side of the copy-engine all-reduce of a two-rank group.
@@ -60,6 +67,11 @@ pub(crate) struct CopyAllReduce {
     reduce: CudaFunction,
     /// `add_rms_norm_recv` (norm.cu): the reduce fused with the residual add + RMSNorm.
     reduce_norm: CudaFunction,
+    /// `add_rms_norm_recv_push` (norm.cu): `add_rms_norm_recv` on this rank's rows, storing
+    /// them to the peer too.
+    reduce_norm_push: CudaFunction,
+    /// `wait_peer` (norm.cu): the wait for the rows the peer shares out.
+    wait: CudaFunction,
     /// SMs of the GPU (the reduce's grid).
     sms: u32,
 }
@@ -91,15 +103,19 @@ impl CopyAllReduce {
                 .alloc_zeros::<u32>(1)
                 .map_err(|e| driver_err("copy all-reduce: alloc", e))?;
             let reduce = be.func("custom_ar", "ar_copy_reduce")?;
-            let reduce_norm = be.func("norm", "add_rms_norm_recv")?;
+            let norm = [
+                be.func("norm", "add_rms_norm_recv")?,
+                be.func("norm", "add_rms_norm_recv_push")?,
+                be.func("norm", "wait_peer")?,
+            ];
             let sms = be
                 .ctx()
                 .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(|e| driver_err("copy all-reduce: SM count", e))?;
             let timed_out = host_flag()?;
-            Ok((stuck, (reduce, reduce_norm), sms.max(1) as u32, timed_out))
+            Ok((stuck, reduce, norm, sms.max(1) as u32, timed_out))
         })();
-        let (stuck, (reduce, reduce_norm), sms, timed_out) = match parts {
+        let (stuck, reduce, [reduce_norm, reduce_norm_push, wait], sms, timed_out) = match parts {
             Ok(p) => p,
             Err(e) => {
                 // SAFETY: our allocation from `allocate`, used by nobody yet.
@@ -117,6 +133,8 @@ impl CopyAllReduce {
             timed_out,
             reduce,
             reduce_norm,
+            reduce_norm_push,
+            wait,
             sms,
         };
         ar.peer = ipc_open(handle)?;
@@ -181,16 +199,34 @@ impl CopyAllReduce {
     /// Queues on `side`, after the call's copies, the write of `call` into the peer's flag
     /// (behind the barrier of a default stream write, which makes the copies visible first).
     pub(crate) fn signal(&self, side: &CudaStream, call: u32) -> Result<()> {
-        // SAFETY: the flag lies inside the peer's allocation (`allocate` reserved it), alive
-        // as long as `self`; flags 0 asks for the default, ordered write.
+        self.write_peer_flag(side, flag_at(self.cap), call)
+    }
+
+    /// `call` into the flag at byte `at` of the peer's allocation, behind everything queued on
+    /// `stream` before (the default stream write's barrier also makes the stores of earlier
+    /// kernels, to the peer's memory included, visible first).
+    fn write_peer_flag(&self, stream: &CudaStream, at: usize, call: u32) -> Result<()> {
+        if self.peer == 0 {
+            return Err(nanovllm_utils::Error::Other(
+                "copy all-reduce: the peer's buffers are closed".into(),
+            ));
+        }
+        // SAFETY: both flags lie inside the peer's allocation (`allocate` reserved them),
+        // alive as long as `self`; flags 0 asks for the default, ordered write.
         cu("write the peer's flag", unsafe {
-            sys::cuStreamWriteValue32_v2(
-                side.cu_stream(),
-                self.peer + flag_at(self.cap) as u64,
-                call,
-                0,
-            )
+            sys::cuStreamWriteValue32_v2(stream.cu_stream(), self.peer + at as u64, call, 0)
         })
+    }
+
+    /// Device address of receive buffer `buf` (from [`Self::begin`]) in the peer's allocation:
+    /// where a product may store the peer's rows directly (see `NcclComm`'s rows shared out).
+    pub(crate) fn peer_buffer(&self, buf: u64) -> Result<u64> {
+        match self.peer {
+            0 => Err(nanovllm_utils::Error::Other(
+                "copy all-reduce: the peer's buffers are closed".into(),
+            )),
+            p => Ok(p + buf),
+        }
     }
 
     /// Queues on the backend's stream the wait for the peer's flag to reach `call` and then
@@ -269,6 +305,8 @@ impl CopyAllReduce {
             epoch: call,
             stuck: &self.stuck,
             timed_out: self.timed_out.1,
+            first: 0,
+            peer_x: 0,
         };
         // SAFETY: receive buffer `buf` (one of ours, from `begin`) holds cap >= n * hidden
         // elements, which the peer wrote before raising the flag and does not write again
@@ -277,6 +315,87 @@ impl CopyAllReduce {
         unsafe {
             super::ops::add_rms_norm_with(be, x, residual, weight, n, hidden, eps, Some(&received))
         }
+    }
+}
+
+/// The rows of a prefill step shared out between the two ranks (`NcclComm`'s module docs).
+impl CopyAllReduce {
+    /// The end of a call whose rows are shared out: on rows `rows` of `x` (this rank's partial
+    /// sums there; the peer's for those rows arrive in receive buffer `buf`, flag `call`), the
+    /// sum and the residual add + RMSNorm of [`Self::reduce_add_rms_norm`], each result row
+    /// also stored into the same row of the peer's x (`peer_x`, its row 0); then the write of
+    /// `call` into the peer's second flag and the wait for this rank's to reach it, so that the
+    /// kernels after this call read every row of `x`. `residual`'s other rows are left as
+    /// they were.
+    ///
+    /// # Safety
+    /// `peer_x` is the device address (in this process) of the peer's buffer that plays `x`'s
+    /// part there, of at least `x`'s length, whose rows `rows` the peer neither reads nor
+    /// writes until it has waited for this call's flag.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn reduce_add_rms_norm_push(
+        &self,
+        be: &CudaBackend,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        rows: std::ops::Range<usize>,
+        hidden: usize,
+        eps: f32,
+        call: u32,
+        buf: u64,
+        peer_x: u64,
+    ) -> Result<()> {
+        if rows.end.saturating_mul(hidden) > self.cap || peer_x == 0 {
+            return Err(nanovllm_utils::Error::Other(format!(
+                "copy all-reduce: {} x {hidden} elements beyond the receive buffers' {}, or no \
+                 peer buffer",
+                rows.end, self.cap
+            )));
+        }
+        let received = super::ops::Received {
+            func: &self.reduce_norm_push,
+            recv: self.local + buf,
+            flag: self.local + flag_at(self.cap) as u64,
+            epoch: call,
+            stuck: &self.stuck,
+            timed_out: self.timed_out.1,
+            first: rows.start,
+            peer_x,
+        };
+        // SAFETY: receive buffer `buf` (ours) holds cap >= rows.end * hidden elements; those
+        // of `rows` are the peer's partial sums, written before it raised the flag and not
+        // written again before this rank's next signal; the caller vouches for `peer_x`; the
+        // flag and host flag are ours.
+        unsafe {
+            super::ops::add_rms_norm_with(
+                be,
+                x,
+                residual,
+                weight,
+                rows.len(),
+                hidden,
+                eps,
+                Some(&received),
+            )
+        }?;
+        self.write_peer_flag(be.stream(), rows_flag_at(self.cap), call)?;
+        let flag = self.local + rows_flag_at(self.cap) as u64;
+        let mut b = Launch::new(be.stream(), &self.wait);
+        b.arg(&flag)
+            .arg(&call)
+            .arg(&self.stuck)
+            .arg(&self.timed_out.1);
+        // SAFETY: matches wait_peer in norm.cu: it reads our second flag and reads and writes
+        // `stuck` and the host-mapped flag, all alive as long as `self`.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(|e| driver_err("copy all-reduce: wait for the peer's rows", e))
     }
 }
 

@@ -39,6 +39,7 @@ pub use nccl::{nccl_unique_id, NcclComm, NCCL_ID_BYTES};
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -63,9 +64,22 @@ include!(concat!(env!("OUT_DIR"), "/ptx_modules.rs"));
 /// 16-byte vector access at the end of a buffer stays inside it.
 #[derive(Debug)]
 pub struct CudaBuf<T> {
-    data: CudaSlice<u8>,
+    data: ManuallyDrop<CudaSlice<u8>>,
     len: usize,
+    /// Memory that another owner frees (an allocation the NCCL group shares with its peer:
+    /// [`NcclComm::alloc_shared`]); dropping the buffer leaves it alone.
+    borrowed: bool,
     _elem: PhantomData<T>,
+}
+
+impl<T> Drop for CudaBuf<T> {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken once, here, and not used after.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        if self.borrowed {
+            data.leak();
+        }
+    }
 }
 
 impl<T: Elem> CudaBuf<T> {
@@ -600,6 +614,25 @@ impl CudaBackend {
         let (p, _sync) = buf.data.device_ptr(&self.stream);
         p
     }
+
+    /// A buffer of `len` elements over device memory that another owner allocated and frees
+    /// (dropping the buffer leaves the memory alone).
+    ///
+    /// # Safety
+    /// `ptr` addresses at least `len * size_of::<T>()` bytes, rounded up to 16, of device
+    /// memory usable in this backend's context, which stays allocated as long as the buffer
+    /// is used.
+    pub(crate) unsafe fn borrow_buf<T: Elem>(&self, ptr: u64, len: usize) -> CudaBuf<T> {
+        let bytes = (len * std::mem::size_of::<T>()).div_ceil(16).max(1) * 16;
+        // SAFETY: per the contract; the slice is leaked, never freed, on drop (`borrowed`).
+        let data = unsafe { self.stream.upgrade_device_ptr::<u8>(ptr, bytes) };
+        CudaBuf {
+            data: ManuallyDrop::new(data),
+            len,
+            borrowed: true,
+            _elem: PhantomData,
+        }
+    }
 }
 
 /// A captured CUDA graph of ops (see [`CudaBackend::capture`]), replayed on the backend's
@@ -670,8 +703,9 @@ impl Backend for CudaBackend {
             )
         })?;
         Ok(CudaBuf {
-            data,
+            data: ManuallyDrop::new(data),
             len,
+            borrowed: false,
             _elem: PhantomData,
         })
     }
@@ -679,7 +713,7 @@ impl Backend for CudaBackend {
     fn zeros<T: Elem>(&self, len: usize) -> Result<CudaBuf<T>> {
         let mut buf = self.alloc::<T>(len)?;
         self.stream
-            .memset_zeros(&mut buf.data)
+            .memset_zeros(&mut *buf.data)
             .map_err(|e| driver_err("zeros: memset", e))?;
         Ok(buf)
     }

@@ -21,6 +21,20 @@
 //! part's product; only the last part's exchange and the final add are left exposed.
 //! `NANOVLLM_AR_OVERLAP_ROWS` sets the rows per part (default [`OVERLAP_ROWS`]; 0 turns the
 //! overlap off: the product, then NCCL's all-reduce).
+//!
+//! Rows shared out: where the product's output is a buffer the group shares with the peer
+//! ([`NcclComm::alloc_shared`], the model's activations) and the residual add + RMSNorm
+//! follows, the two ranks split the step's rows in two halves instead of each finishing all of
+//! them. A rank's product writes the peer's half of the rows straight into the peer's receive
+//! buffer, raises the peer's flag, and computes its own half locally; each rank then adds the
+//! peer's sums, the residual and the norm on its own half only, storing each result row into
+//! the peer's buffer as well (`add_rms_norm_recv_push`), raises a second flag and waits for the
+//! peer's. Against the copy-engine exchange of every row, that halves the rows each rank adds
+//! and normalises and skips the copy's read of the message, with the same bits; the residual
+//! stream then holds only the rank's own rows, which is all the next norm reads. Opt-in
+//! (`NANOVLLM_AR_SHARE_ROWS=1`): on two H100s it took ~0.03 s off the Qwen3-8B workload's
+//! prefill, but the decode steps, which then run on the shared allocation, were as much slower
+//! (docs/perf-notes.md, "Prefill's rows shared out").
 
 use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
@@ -35,7 +49,7 @@ use half::bf16;
 use nanovllm_utils::{Error, Result};
 
 use super::copy_ar::CopyAllReduce;
-use super::custom_ar::CustomAllReduce;
+use super::custom_ar::{ipc_alloc, ipc_open, CustomAllReduce};
 use super::{driver_err, CudaBackend, CudaBuf};
 use crate::backend::Backend;
 
@@ -81,12 +95,35 @@ struct Overlap {
 
 /// A copy-engine all-reduce whose sums arrived (or are arriving) in a receive buffer, not yet
 /// added: see [`NcclComm::gemm_all_reduce_for_norm`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Pending {
     call: u32,
     buf: u64,
     out: u64,
     len: usize,
+    /// Rows shared out: this rank's rows, and the device address of the peer's copy of the
+    /// output (see the module docs).
+    shared: Option<(std::ops::Range<usize>, u64)>,
+}
+
+/// An allocation of this rank that the peer has mapped, and the peer's that this rank has
+/// ([`NcclComm::alloc_shared`]). Dropped with the group: the mapping is closed, the
+/// allocation freed.
+struct SharedBuf {
+    local: CUdeviceptr,
+    bytes: usize,
+    peer: CUdeviceptr,
+}
+
+impl Drop for SharedBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping came from cuIpcOpenMemHandle and the allocation from ipc_alloc;
+        // each is released once, after the owner synchronised its streams.
+        unsafe {
+            let _ = cudarc::driver::sys::cuIpcCloseMemHandle(self.peer);
+            let _ = cudarc::driver::result::free_sync(self.local);
+        }
+    }
 }
 
 impl Overlap {
@@ -174,6 +211,10 @@ pub struct NcclComm {
     custom: Option<CustomAllReduce>,
     /// The overlap of prefill products with their all-reduces; `None` when off.
     overlap: Option<Overlap>,
+    /// Whether [`Self::alloc_shared`] shares its buffers (`NANOVLLM_AR_SHARE_ROWS`).
+    share_rows: bool,
+    /// The buffers [`Self::alloc_shared`] shared.
+    shared: Mutex<Vec<SharedBuf>>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap;
@@ -219,6 +260,8 @@ impl NcclComm {
             size,
             custom: None,
             overlap: None,
+            share_rows: false,
+            shared: Mutex::new(Vec::new()),
         };
         let wanted = nanovllm_utils::env_switch("NANOVLLM_CUSTOM_ALLREDUCE", true);
         if wanted && size > 1 {
@@ -231,8 +274,55 @@ impl NcclComm {
         )?;
         if rows > 0 && size == 2 {
             nccl.overlap = Some(Overlap::new(be, rows)?);
+            nccl.share_rows = nanovllm_utils::env_switch("NANOVLLM_AR_SHARE_ROWS", false);
         }
         Ok(nccl)
+    }
+
+    /// A buffer of `len` bf16 for the activations that row-parallel products write and the
+    /// norms after them finish: on a two-rank group with the overlap on, an allocation shared
+    /// with the peer through CUDA IPC (the peer stores its finished rows into it: see the
+    /// module docs), a plain allocation otherwise. A collective: every rank calls it at the
+    /// same point.
+    pub fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<CudaBuf<bf16>> {
+        if !self.share_rows || self.size != 2 {
+            return be.alloc(len);
+        }
+        let bytes = (len.checked_mul(std::mem::size_of::<bf16>()))
+            .ok_or_else(|| Error::OutOfMemory(format!("alloc_shared: {len} elements")))?
+            .div_ceil(16)
+            .max(1)
+            * 16;
+        let shared = self.share_ipc(ipc_alloc(bytes, 0), |local, handles| {
+            match ipc_open(&handles[1 - self.rank]) {
+                Ok(peer) => Ok(SharedBuf { local, bytes, peer }),
+                Err(e) => {
+                    // SAFETY: our allocation from ipc_alloc, used by nobody.
+                    let _ = unsafe { cudarc::driver::result::free_sync(local) };
+                    Err(e)
+                }
+            }
+        })?;
+        let Some(buf) = shared else {
+            return be.alloc(len);
+        };
+        // SAFETY: `buf.local` is a live allocation of `bytes` (len elements rounded up to 16
+        // bytes) that `self.shared` frees only when the group is dropped, after its streams.
+        let out = unsafe { be.borrow_buf(buf.local, len) };
+        self.shared.lock().map_err(|_| poisoned())?.push(buf);
+        Ok(out)
+    }
+
+    /// The device address, in this process, of the peer's copy of `buf` (its start), when
+    /// `buf` lies in a buffer of [`Self::alloc_shared`].
+    fn peer_of(&self, be: &CudaBackend, buf: &CudaBuf<bf16>) -> Option<u64> {
+        let at = be.dptr(buf);
+        let end = at + (buf.len() * std::mem::size_of::<bf16>()) as u64;
+        let shared = self.shared.lock().ok()?;
+        shared
+            .iter()
+            .find(|s| s.local <= at && end <= s.local + s.bytes as u64)
+            .map(|s| s.peer + (at - s.local))
     }
 
     /// Sets up the one-shot all-reduce on every rank or on none (see [`Self::share_ipc`]).
@@ -461,7 +551,7 @@ impl NcclComm {
         k: usize,
         out: &mut CudaBuf<bf16>,
     ) -> Result<()> {
-        match self.gemm_send(be, x, w, m, n, k, out)? {
+        match self.gemm_send(be, x, w, m, n, k, out, None)? {
             None => Ok(()),
             Some(p) => self.with_copy(|copy| copy.reduce(be, out, p.len, p.call, p.buf)),
         }
@@ -487,7 +577,8 @@ impl NcclComm {
             self.gemm_all_reduce(be, x, w, m, n, k, out)?;
             return Ok(false);
         }
-        let Some(p) = self.gemm_send(be, x, w, m, n, k, out)? else {
+        let peer_out = self.peer_of(be, out);
+        let Some(p) = self.gemm_send(be, x, w, m, n, k, out, peer_out)? else {
             return Ok(false);
         };
         if let Some(overlap) = &self.overlap {
@@ -521,6 +612,31 @@ impl NcclComm {
                 "{OP}: no all-reduce was left open by gemm_all_reduce_for_norm"
             )));
         };
+        self.check_open(be, x, n, hidden, &p)?;
+        self.with_copy(|copy| match p.shared.clone() {
+            None => {
+                copy.reduce_add_rms_norm(be, x, residual, weight, n, hidden, eps, p.call, p.buf)
+            }
+            // SAFETY: `peer_x` is the peer's copy of x (`peer_of`: a buffer of alloc_shared,
+            // as long as x); the peer touches its rows `mine` only after this call's flag.
+            Some((mine, peer_x)) => unsafe {
+                copy.reduce_add_rms_norm_push(
+                    be, x, residual, weight, mine, hidden, eps, p.call, p.buf, peer_x,
+                )
+            },
+        })
+    }
+
+    /// Checks that `x` (`n` rows of `hidden`) is the output the open call `p` was left in.
+    fn check_open(
+        &self,
+        be: &CudaBackend,
+        x: &CudaBuf<bf16>,
+        n: usize,
+        hidden: usize,
+        p: &Pending,
+    ) -> Result<()> {
+        const OP: &str = "nccl finish_all_reduce_add_rms_norm";
         let len = super::ops::numel(OP, "x", n, hidden)?;
         if be.dptr(x) != p.out || len != p.len {
             return Err(Error::Other(format!(
@@ -529,9 +645,7 @@ impl NcclComm {
                 p.len
             )));
         }
-        self.with_copy(|copy| {
-            copy.reduce_add_rms_norm(be, x, residual, weight, n, hidden, eps, p.call, p.buf)
-        })
+        Ok(())
     }
 
     /// `f` on the copy-engine all-reduce that an overlapped call used.
@@ -552,7 +666,8 @@ impl NcclComm {
     /// being captured), its parts' copies to the peer and the flag after them, leaving the add
     /// of what the peer sent: `Some` of the open call, for [`CopyAllReduce::reduce`] or its
     /// fusion with the norm. `None`: the product and a whole all-reduce ran, `out` holds the
-    /// sum.
+    /// sum. With `peer_out` (the peer's copy of `out`), the rows are shared out (module docs):
+    /// the peer's half goes straight into its receive buffer.
     #[allow(clippy::too_many_arguments)]
     fn gemm_send(
         &self,
@@ -563,6 +678,7 @@ impl NcclComm {
         n: usize,
         k: usize,
         out: &mut CudaBuf<bf16>,
+        peer_out: Option<u64>,
     ) -> Result<Option<Pending>> {
         const OP: &str = "nccl gemm_all_reduce";
         let len = super::ops::numel(OP, "out", m, n)?;
@@ -594,6 +710,40 @@ impl NcclComm {
         let (main, side) = (be.stream(), &overlap.stream);
         let ev = |what: &str, e| driver_err(&format!("{OP}: {what}"), e);
         let (call, buf) = copy.begin();
+        if let Some(peer_out) = peer_out {
+            let parts: Vec<_> = overlap_parts(m, overlap.rows).collect();
+            // Rank 0 finishes the first half of the parts, rank 1 the rest (two parts at least:
+            // the overlap needs m above the rows per part).
+            let split = parts[parts.len() / 2].start;
+            let mine = if self.rank == 0 { 0..split } else { split..m };
+            let peer_recv = copy.peer_buffer(buf)?;
+            let (theirs, own): (Vec<_>, Vec<_>) =
+                parts.into_iter().partition(|r| !mine.contains(&r.start));
+            for rows in theirs {
+                let (at_x, at_out) = (
+                    (rows.start * k * elem) as u64,
+                    (rows.start * n * elem) as u64,
+                );
+                // The peer's rows straight into its receive buffer `buf`, which holds `len`
+                // elements (`copy_for`) and which it reads only after the flag below.
+                super::gemm::gemm(be, px + at_x, pw, peer_recv + at_out, rows.len(), n, k)?;
+            }
+            copy.signal(main, call)?;
+            for rows in own {
+                let (at_x, at_out) = (
+                    (rows.start * k * elem) as u64,
+                    (rows.start * n * elem) as u64,
+                );
+                super::gemm::gemm(be, px + at_x, pw, po + at_out, rows.len(), n, k)?;
+            }
+            return Ok(Some(Pending {
+                call,
+                buf,
+                out: po,
+                len,
+                shared: Some((mine, peer_out)),
+            }));
+        }
         for rows in overlap_parts(m, overlap.rows) {
             let at_x = (rows.start * k * elem) as u64;
             let at_out = (rows.start * n * elem) as u64;
@@ -621,6 +771,7 @@ impl NcclComm {
             buf,
             out: po,
             len,
+            shared: None,
         }))
     }
 

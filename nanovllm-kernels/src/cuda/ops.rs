@@ -210,15 +210,23 @@ pub(super) struct Received<'a> {
     pub stuck: &'a CudaSlice<u32>,
     /// Device address of the host-mapped u32 the host reads after each step.
     pub timed_out: u64,
+    /// The first row: the kernel runs on rows `first..first + n` of x, residual and `recv`
+    /// (a rank's own rows where a prefill step's rows are shared out: copy_ar.rs; 0 otherwise).
+    pub first: usize,
+    /// Where the rows are shared out, the device address of row 0 of the peer's x, into which
+    /// `add_rms_norm_recv_push` stores each result row too; 0 otherwise.
+    pub peer_x: u64,
 }
 
 /// `add_rms_norm`, or with `received` its fusion with the end of the copy-engine all-reduce:
-/// `x = bf16(x + recv)` first, once the peer's flag has reached the epoch.
+/// `x = bf16(x + recv)` first, once the peer's flag has reached the epoch, on its rows
+/// `first..first + n`, each result row also stored to the peer's x where `peer_x` is given.
 ///
 /// # Safety
-/// Where `received` is given, `recv` addresses at least `n * hidden` bf16 that nothing writes
-/// during the kernel, `flag` a u32 and `timed_out` a host-mapped u32, all alive until the
-/// kernel has run.
+/// Where `received` is given, `recv` addresses at least `(first + n) * hidden` bf16 that
+/// nothing writes during the kernel, `flag` a u32 and `timed_out` a host-mapped u32, and a
+/// nonzero `peer_x` as many bf16 whose rows `first..first + n` nothing else touches during the
+/// kernel, all alive until the kernel has run.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn add_rms_norm_with(
     be: &CudaBackend,
@@ -232,30 +240,44 @@ pub(super) unsafe fn add_rms_norm_with(
 ) -> Result<()> {
     let op: &'static str = match received {
         None => "add_rms_norm",
+        Some(r) if r.peer_x != 0 => "add_rms_norm_recv_push",
         Some(_) => "add_rms_norm_recv",
     };
-    let len = check_add_rms_norm(op, x, residual, weight, n, hidden)?;
-    if len == 0 {
+    let first = received.map_or(0, |r| r.first);
+    let rows = first
+        .checked_add(n)
+        .ok_or_else(|| Error::Other(format!("op {op}: rows {first} + {n} overflow")))?;
+    check_add_rms_norm(op, x, residual, weight, rows, hidden)?;
+    if n == 0 || hidden == 0 {
         return Ok(());
     }
     let h = int(op, "hidden", hidden)?;
     let func = received.map_or(&be.kernels.add_rms_norm, |r| r.func);
     let mut b = Launch::new(be.stream(), func);
-    b.arg(x.raw_mut())
-        .arg(residual.raw_mut())
-        .arg(weight.raw())
-        .arg(&h)
-        .arg(&eps);
+    // The first row's offset in bytes (inside x and residual: checked above).
+    let at = (first * hidden * std::mem::size_of::<bf16>()) as u64;
+    let (px, pr) = (be.dptr(x) + at, be.dptr(residual) + at);
+    match first {
+        0 => b.arg(x.raw_mut()).arg(residual.raw_mut()),
+        _ => b.arg(&px).arg(&pr),
+    };
+    b.arg(weight.raw()).arg(&h).arg(&eps);
+    let recv = received.map_or(0, |r| r.recv + at);
+    let peer_x = received.map_or(0, |r| r.peer_x + at);
     if let Some(r) = received {
-        b.arg(&r.recv)
+        b.arg(&recv)
             .arg(&r.flag)
             .arg(&r.epoch)
             .arg(r.stuck)
             .arg(&r.timed_out);
+        if r.peer_x != 0 {
+            b.arg(&peer_x);
+        }
     }
-    // SAFETY: arguments match `add_rms_norm` / `add_rms_norm_recv` in norm.cu; block i reads
-    // and writes row i of x and residual (n rows of hidden checked; distinct buffers, as &mut
-    // guarantees) and reads row i of recv, which the caller vouches for.
+    // SAFETY: arguments match `add_rms_norm` / `add_rms_norm_recv` / `add_rms_norm_recv_push`
+    // in norm.cu; block i reads and writes row first + i of x and residual (first + n rows of
+    // hidden checked; distinct buffers, as &mut guarantees), reads row first + i of recv and
+    // writes that of the peer's x, which the caller vouches for.
     unsafe { b.launch(cfg(grid(op, "n", n)?, norm_threads(hidden))) }.map_err(launch_err(op))?;
     Ok(())
 }
