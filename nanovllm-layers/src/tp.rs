@@ -140,14 +140,16 @@ pub trait TpComm<B: Backend>: Send + Sync {
             "TpComm::finish_all_reduce_add_rms_norm: no sum was left open".into(),
         ))
     }
-    /// A buffer of `len` elements for the activations that row-parallel products write and
-    /// the norms after them finish (a model's hidden states): an implementation that shares
-    /// rows out in [`TpComm::finish_all_reduce_add_rms_norm`] allocates it where the peers can
-    /// store into it. The `x` of that call must be such a buffer for the rows to be shared
-    /// out. A collective: every rank calls it at the same point. The default is
-    /// [`Backend::alloc`].
-    fn alloc_shared(&self, be: &B, len: usize) -> Result<B::Buf<bf16>> {
-        be.alloc(len)
+    /// A second buffer of `len` elements for the activations that row-parallel products write
+    /// and the norms after them finish (a model's hidden states), for the steps whose products
+    /// overlap their all-reduce ([`TpComm::overlaps_gemm_all_reduce`]): an implementation that
+    /// shares those steps' rows out in [`TpComm::finish_all_reduce_add_rms_norm`] allocates it
+    /// where the peers can store into it (the rows are shared out only where `x` is such a
+    /// buffer). `None` where it has no use for one (the default). A collective: every rank
+    /// calls it at the same point.
+    fn alloc_shared(&self, be: &B, len: usize) -> Result<Option<B::Buf<bf16>>> {
+        let _ = (be, len);
+        Ok(None)
     }
     /// Gathers the first `len` elements of every rank's `part` into rank 0's `full`, which is
     /// split into `size()` equal strides of `stride = len(full) / size()` elements: rank `r`'s
@@ -460,6 +462,15 @@ impl TpComm<CpuBackend> for ThreadComm {
         }
     }
 
+    /// With the rows shared out, a plain buffer (threads share memory anyway), so that a model
+    /// takes the same path as on NCCL's group: its second `hidden`, swapped in and out.
+    fn alloc_shared(&self, be: &CpuBackend, len: usize) -> Result<Option<CpuBuf<bf16>>> {
+        match self.shared_rows {
+            true => be.alloc(len).map(Some),
+            false => Ok(None),
+        }
+    }
+
     fn all_reduce_sum(&self, _be: &CpuBackend, buf: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
         const OP: &str = "ThreadComm::all_reduce_sum";
         let mine = buf
@@ -654,7 +665,7 @@ mod nccl {
             NcclComm::finish_all_reduce_add_rms_norm(self, be, x, residual, weight, n, hidden, eps)
         }
 
-        fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<CudaBuf<bf16>> {
+        fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<Option<CudaBuf<bf16>>> {
             NcclComm::alloc_shared(self, be, len)
         }
 

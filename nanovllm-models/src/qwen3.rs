@@ -129,9 +129,15 @@ pub struct Workspace<B: Backend> {
     /// `[max_num_tokens, hidden]` the residual stream.
     residual: B::Buf<bf16>,
     /// `[max_num_tokens, hidden]` the normalised input of each block, then its output; after
-    /// the forward pass, the final hidden states. Allocated by the group
-    /// ([`TpComm::alloc_shared`]), which may share a prefill step's rows out between the ranks.
+    /// the forward pass, the final hidden states.
     hidden: B::Buf<bf16>,
+    /// A second `hidden` from the group ([`TpComm::alloc_shared`]), where it shares the rows
+    /// of prefill-sized steps out between the ranks: swapped in for the steps whose
+    /// row-parallel products overlap their all-reduce, so that the other steps (and the decode
+    /// graphs) keep the plain allocation.
+    hidden_shared: Option<B::Buf<bf16>>,
+    /// Whether `hidden` and `hidden_shared` are swapped now.
+    shared_in: bool,
     /// `[max_num_tokens, (heads + 2 * kv_heads) * head_dim]` fused q/k/v (this rank's heads).
     qkv: B::Buf<bf16>,
     /// `[max_num_tokens, heads * head_dim]` attention output.
@@ -160,7 +166,9 @@ impl<B: Backend> Workspace<B> {
             dims: d,
             max_num_tokens,
             residual: be.alloc(t * d.hidden)?,
-            hidden: model.comm.alloc_shared(be, t * d.hidden)?,
+            hidden: be.alloc(t * d.hidden)?,
+            hidden_shared: model.comm.alloc_shared(be, t * d.hidden)?,
+            shared_in: false,
             qkv: be.alloc(t * d.qkv_width())?,
             attn_out: be.alloc(t * d.num_heads * d.head_dim)?,
             gate_up: be.alloc(t * 2 * d.inter)?,
@@ -169,7 +177,9 @@ impl<B: Backend> Workspace<B> {
         })
     }
 
-    /// Bytes [`Workspace::new`] allocates on rank `tp_rank` of `tp_size` (for memory planning).
+    /// Bytes [`Workspace::new`] allocates on rank `tp_rank` of `tp_size` (for memory planning),
+    /// besides the second `hidden` of a group that shares rows out ([`TpComm::alloc_shared`]:
+    /// `max_num_tokens * hidden` bf16 more).
     pub fn bytes(
         config: &ModelConfig,
         tp_rank: usize,
@@ -553,6 +563,14 @@ impl<B: Backend> Qwen3ForCausalLM<B> {
     ) -> Result<()> {
         self.check_step(be, ctx, kv, ws)?;
         let n = ctx.num_tokens;
+        // The shared `hidden` for the steps whose rows the group shares out, the plain one for
+        // the rest (it stays in place for `compute_logits` after this pass).
+        let shared =
+            self.comm.size() > 1 && self.comm.overlaps_gemm_all_reduce(n, self.dims.hidden);
+        if let Some(h) = ws.hidden_shared.as_mut().filter(|_| shared != ws.shared_in) {
+            std::mem::swap(&mut ws.hidden, h);
+            ws.shared_in = shared;
+        }
         self.embed_tokens
             .forward(be, input_ids, n, &mut ws.residual)?;
         let mut out = RowParallelOutput::Partial;

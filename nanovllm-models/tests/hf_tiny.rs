@@ -511,9 +511,11 @@ fn greedy_decode_matches_hf() {
 /// rank, half the MLP, half the vocabulary per rank; rank 0's logits must match transformers
 /// and the unsharded model. Run three times: with the row-parallel layers leaving partial sums
 /// to the norms' fused all-reduce (as decode steps do), with them summing in the product's call
-/// from one row on (as prefill steps on NCCL do), and with those sums' norms sharing the rows
-/// out between the ranks (each rank's residual stream holding only its own rows, as NCCL's
-/// group of two does in prefill); all must give the same bits.
+/// from one row on (as prefill steps on NCCL do), and, from two rows on (the prefill, not the
+/// one-row decode step), with those sums' norms sharing the rows out between the ranks (each
+/// rank's residual stream holding only its own rows, and the model's second `hidden` swapped
+/// in for the prefill and out for the decode step, as with NCCL's group of two); all must give
+/// the same bits.
 #[test]
 fn tensor_parallel_two_ranks_match_hf() {
     let f = fixture("tiny-qwen3-untied");
@@ -521,7 +523,7 @@ fn tensor_parallel_two_ranks_match_hf() {
     let fused = tensor_parallel_run(&f, &weights, usize::MAX, false);
     let summed = tensor_parallel_run(&f, &weights, 1, false);
     assert!(fused == summed, "summing in the product changed the logits");
-    let shared = tensor_parallel_run(&f, &weights, 1, true);
+    let shared = tensor_parallel_run(&f, &weights, 2, true);
     assert!(fused == shared, "sharing the rows out changed the logits");
 }
 

@@ -31,10 +31,9 @@
 //! the peer's buffer as well (`add_rms_norm_recv_push`), raises a second flag and waits for the
 //! peer's. Against the copy-engine exchange of every row, that halves the rows each rank adds
 //! and normalises and skips the copy's read of the message, with the same bits; the residual
-//! stream then holds only the rank's own rows, which is all the next norm reads. Opt-in
-//! (`NANOVLLM_AR_SHARE_ROWS=1`): on two H100s it took ~0.03 s off the Qwen3-8B workload's
-//! prefill, but the decode steps, which then run on the shared allocation, were as much slower
-//! (docs/perf-notes.md, "Prefill's rows shared out").
+//! stream then holds only the rank's own rows, which is all the next norm reads. On two H100s
+//! it takes ~0.03 s off the Qwen3-8B workload's prefill (docs/perf-notes.md, "Prefill's rows
+//! shared out"); `NANOVLLM_AR_SHARE_ROWS=0` turns it off.
 
 use std::ffi::{c_char, c_void};
 use std::mem::MaybeUninit;
@@ -274,19 +273,19 @@ impl NcclComm {
         )?;
         if rows > 0 && size == 2 {
             nccl.overlap = Some(Overlap::new(be, rows)?);
-            nccl.share_rows = nanovllm_utils::env_switch("NANOVLLM_AR_SHARE_ROWS", false);
+            nccl.share_rows = nanovllm_utils::env_switch("NANOVLLM_AR_SHARE_ROWS", true);
         }
         Ok(nccl)
     }
 
     /// A buffer of `len` bf16 for the activations that row-parallel products write and the
-    /// norms after them finish: on a two-rank group with the overlap on, an allocation shared
-    /// with the peer through CUDA IPC (the peer stores its finished rows into it: see the
-    /// module docs), a plain allocation otherwise. A collective: every rank calls it at the
-    /// same point.
-    pub fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<CudaBuf<bf16>> {
+    /// norms after them finish in prefill-sized steps: on a two-rank group that shares rows
+    /// out, an allocation shared with the peer through CUDA IPC (the peer stores its finished
+    /// rows into it: see the module docs); `None` otherwise. A collective: every rank calls it
+    /// at the same point.
+    pub fn alloc_shared(&self, be: &CudaBackend, len: usize) -> Result<Option<CudaBuf<bf16>>> {
         if !self.share_rows || self.size != 2 {
-            return be.alloc(len);
+            return Ok(None);
         }
         let bytes = (len.checked_mul(std::mem::size_of::<bf16>()))
             .ok_or_else(|| Error::OutOfMemory(format!("alloc_shared: {len} elements")))?
@@ -304,13 +303,13 @@ impl NcclComm {
             }
         })?;
         let Some(buf) = shared else {
-            return be.alloc(len);
+            return Ok(None);
         };
         // SAFETY: `buf.local` is a live allocation of `bytes` (len elements rounded up to 16
         // bytes) that `self.shared` frees only when the group is dropped, after its streams.
         let out = unsafe { be.borrow_buf(buf.local, len) };
         self.shared.lock().map_err(|_| poisoned())?.push(buf);
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// The device address, in this process, of the peer's copy of `buf` (its start), when
