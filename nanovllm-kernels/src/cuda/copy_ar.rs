@@ -291,29 +291,66 @@ impl CopyAllReduce {
         call: u32,
         buf: u64,
     ) -> Result<()> {
-        let len = n.saturating_mul(hidden);
-        if len > self.cap {
+        // SAFETY: no peer buffer to vouch for.
+        unsafe { self.norm_received(be, x, residual, weight, 0..n, hidden, eps, call, buf, 0) }
+    }
+
+    /// `add_rms_norm_recv` on rows `rows` of `x` and `residual`, the peer's sums for them in
+    /// receive buffer `buf` (flag `call`); with a nonzero `peer_x`, `add_rms_norm_recv_push`,
+    /// which also stores each result row into the same row of the peer's x.
+    ///
+    /// # Safety
+    /// A nonzero `peer_x` is as [`Self::reduce_add_rms_norm_push`] requires.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn norm_received(
+        &self,
+        be: &CudaBackend,
+        x: &mut CudaBuf<bf16>,
+        residual: &mut CudaBuf<bf16>,
+        weight: &CudaBuf<bf16>,
+        rows: std::ops::Range<usize>,
+        hidden: usize,
+        eps: f32,
+        call: u32,
+        buf: u64,
+        peer_x: u64,
+    ) -> Result<()> {
+        if rows.end.saturating_mul(hidden) > self.cap {
             return Err(nanovllm_utils::Error::Other(format!(
-                "copy all-reduce: {n} x {hidden} elements beyond the receive buffers' {}",
-                self.cap
+                "copy all-reduce: {} x {hidden} elements beyond the receive buffers' {}",
+                rows.end, self.cap
             )));
         }
         let received = super::ops::Received {
-            func: &self.reduce_norm,
+            func: if peer_x == 0 {
+                &self.reduce_norm
+            } else {
+                &self.reduce_norm_push
+            },
             recv: self.local + buf,
             flag: self.local + flag_at(self.cap) as u64,
             epoch: call,
             stuck: &self.stuck,
             timed_out: self.timed_out.1,
-            first: 0,
-            peer_x: 0,
+            first: rows.start,
+            peer_x,
         };
-        // SAFETY: receive buffer `buf` (one of ours, from `begin`) holds cap >= n * hidden
-        // elements, which the peer wrote before raising the flag and does not write again
-        // before this rank's next signal; the flag follows the buffers in our allocation; the
-        // host-mapped flag is ours; all live as long as `self`.
+        // SAFETY: receive buffer `buf` (one of ours, from `begin`) holds cap >= rows.end *
+        // hidden elements, which the peer wrote before raising the flag and does not write
+        // again before this rank's next signal; the flag follows the buffers in our
+        // allocation; the host-mapped flag is ours; all live as long as `self`; the caller
+        // vouches for `peer_x`.
         unsafe {
-            super::ops::add_rms_norm_with(be, x, residual, weight, n, hidden, eps, Some(&received))
+            super::ops::add_rms_norm_with(
+                be,
+                x,
+                residual,
+                weight,
+                rows.len(),
+                hidden,
+                eps,
+                Some(&received),
+            )
         }
     }
 }
@@ -346,37 +383,15 @@ impl CopyAllReduce {
         buf: u64,
         peer_x: u64,
     ) -> Result<()> {
-        if rows.end.saturating_mul(hidden) > self.cap || peer_x == 0 {
-            return Err(nanovllm_utils::Error::Other(format!(
-                "copy all-reduce: {} x {hidden} elements beyond the receive buffers' {}, or no \
-                 peer buffer",
-                rows.end, self.cap
-            )));
+        if peer_x == 0 {
+            return Err(nanovllm_utils::Error::Other(
+                "copy all-reduce: rows shared out without the peer's buffer".into(),
+            ));
         }
-        let received = super::ops::Received {
-            func: &self.reduce_norm_push,
-            recv: self.local + buf,
-            flag: self.local + flag_at(self.cap) as u64,
-            epoch: call,
-            stuck: &self.stuck,
-            timed_out: self.timed_out.1,
-            first: rows.start,
-            peer_x,
-        };
-        // SAFETY: receive buffer `buf` (ours) holds cap >= rows.end * hidden elements; those
-        // of `rows` are the peer's partial sums, written before it raised the flag and not
-        // written again before this rank's next signal; the caller vouches for `peer_x`; the
-        // flag and host flag are ours.
+        // SAFETY: the caller vouches for `peer_x`.
         unsafe {
-            super::ops::add_rms_norm_with(
-                be,
-                x,
-                residual,
-                weight,
-                rows.len(),
-                hidden,
-                eps,
-                Some(&received),
+            self.norm_received(
+                be, x, residual, weight, rows, hidden, eps, call, buf, peer_x,
             )
         }?;
         self.write_peer_flag(be.stream(), rows_flag_at(self.cap), call)?;

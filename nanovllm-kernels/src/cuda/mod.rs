@@ -72,6 +72,11 @@ pub struct CudaBuf<T> {
     _elem: PhantomData<T>,
 }
 
+/// The bytes a buffer of `bytes` bytes takes: rounded up to 16 (see [`CudaBuf`]), at least 16.
+pub(crate) fn padded(bytes: usize) -> usize {
+    bytes.div_ceil(16).max(1) * 16
+}
+
 impl<T> Drop for CudaBuf<T> {
     fn drop(&mut self) {
         // SAFETY: `data` is taken once, here, and not used after.
@@ -623,7 +628,7 @@ impl CudaBackend {
     /// memory usable in this backend's context, which stays allocated as long as the buffer
     /// is used.
     pub(crate) unsafe fn borrow_buf<T: Elem>(&self, ptr: u64, len: usize) -> CudaBuf<T> {
-        let bytes = (len * std::mem::size_of::<T>()).div_ceil(16).max(1) * 16;
+        let bytes = padded(len * std::mem::size_of::<T>());
         // SAFETY: per the contract; the slice is leaked, never freed, on drop (`borrowed`).
         let data = unsafe { self.stream.upgrade_device_ptr::<u8>(ptr, bytes) };
         CudaBuf {
@@ -690,7 +695,7 @@ impl Backend for CudaBackend {
         let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
             Error::OutOfMemory(format!("alloc: {len} elements overflow the address space"))
         })?;
-        let cap = bytes.div_ceil(16).max(1) * 16;
+        let cap = padded(bytes);
         // SAFETY: the trait leaves a new buffer's contents unspecified; they are plain bytes.
         let data = unsafe { self.stream.alloc::<u8>(cap) }.map_err(|e| {
             driver_err(

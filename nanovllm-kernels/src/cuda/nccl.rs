@@ -287,11 +287,10 @@ impl NcclComm {
         if !self.share_rows || self.size != 2 {
             return Ok(None);
         }
-        let bytes = (len.checked_mul(std::mem::size_of::<bf16>()))
-            .ok_or_else(|| Error::OutOfMemory(format!("alloc_shared: {len} elements")))?
-            .div_ceil(16)
-            .max(1)
-            * 16;
+        let bytes = super::padded(
+            len.checked_mul(std::mem::size_of::<bf16>())
+                .ok_or_else(|| Error::OutOfMemory(format!("alloc_shared: {len} elements")))?,
+        );
         let shared = self.share_ipc(ipc_alloc(bytes, 0), |local, handles| {
             match ipc_open(&handles[1 - self.rank]) {
                 Ok(peer) => Ok(SharedBuf { local, bytes, peer }),
@@ -709,31 +708,34 @@ impl NcclComm {
         let (main, side) = (be.stream(), &overlap.stream);
         let ev = |what: &str, e| driver_err(&format!("{OP}: {what}"), e);
         let (call, buf) = copy.begin();
+        // Rows `rows` of the product into the output whose row 0 is at `to`.
+        let product = |rows: &std::ops::Range<usize>, to: u64| {
+            let (at_x, at_out) = (rows.start * k * elem, rows.start * n * elem);
+            super::gemm::gemm(
+                be,
+                px + at_x as u64,
+                pw,
+                to + at_out as u64,
+                rows.len(),
+                n,
+                k,
+            )
+        };
         if let Some(peer_out) = peer_out {
             let parts: Vec<_> = overlap_parts(m, overlap.rows).collect();
             // Rank 0 finishes the first half of the parts, rank 1 the rest (two parts at least:
             // the overlap needs m above the rows per part).
             let split = parts[parts.len() / 2].start;
             let mine = if self.rank == 0 { 0..split } else { split..m };
+            // The peer's rows first, straight into its receive buffer `buf`, which holds `len`
+            // elements (`copy_for`) and which it reads only after the flag below.
             let peer_recv = copy.peer_buffer(buf)?;
-            let (theirs, own): (Vec<_>, Vec<_>) =
-                parts.into_iter().partition(|r| !mine.contains(&r.start));
-            for rows in theirs {
-                let (at_x, at_out) = (
-                    (rows.start * k * elem) as u64,
-                    (rows.start * n * elem) as u64,
-                );
-                // The peer's rows straight into its receive buffer `buf`, which holds `len`
-                // elements (`copy_for`) and which it reads only after the flag below.
-                super::gemm::gemm(be, px + at_x, pw, peer_recv + at_out, rows.len(), n, k)?;
+            for rows in parts.iter().filter(|r| !mine.contains(&r.start)) {
+                product(rows, peer_recv)?;
             }
             copy.signal(main, call)?;
-            for rows in own {
-                let (at_x, at_out) = (
-                    (rows.start * k * elem) as u64,
-                    (rows.start * n * elem) as u64,
-                );
-                super::gemm::gemm(be, px + at_x, pw, po + at_out, rows.len(), n, k)?;
+            for rows in parts.iter().filter(|r| mine.contains(&r.start)) {
+                product(rows, po)?;
             }
             return Ok(Some(Pending {
                 call,
@@ -744,9 +746,8 @@ impl NcclComm {
             }));
         }
         for rows in overlap_parts(m, overlap.rows) {
-            let at_x = (rows.start * k * elem) as u64;
             let at_out = (rows.start * n * elem) as u64;
-            super::gemm::gemm(be, px + at_x, pw, po + at_out, rows.len(), n, k)?;
+            product(&rows, po)?;
             overlap
                 .product_done
                 .record(main)

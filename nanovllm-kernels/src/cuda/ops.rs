@@ -257,11 +257,7 @@ pub(super) unsafe fn add_rms_norm_with(
     // The first row's offset in bytes (inside x and residual: checked above).
     let at = (first * hidden * std::mem::size_of::<bf16>()) as u64;
     let (px, pr) = (be.dptr(x) + at, be.dptr(residual) + at);
-    match first {
-        0 => b.arg(x.raw_mut()).arg(residual.raw_mut()),
-        _ => b.arg(&px).arg(&pr),
-    };
-    b.arg(weight.raw()).arg(&h).arg(&eps);
+    b.arg(&px).arg(&pr).arg(weight.raw()).arg(&h).arg(&eps);
     let recv = received.map_or(0, |r| r.recv + at);
     let peer_x = received.map_or(0, |r| r.peer_x + at);
     if let Some(r) = received {
